@@ -201,7 +201,8 @@ _tiles: dict = {}
 _shape: dict = {}
 
 
-def amx_config(cfg):
+def amx_config(cfg, idx):
+    cfg = cfg[idx: idx + 64]
     colsb = cfg[16:48].view(np.uint16)
     for t in range(8):
         _shape[t] = (int(cfg[48 + t]), int(colsb[t]))

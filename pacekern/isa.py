@@ -458,20 +458,29 @@ def dot2_bf16_generic(typingctx, acc, a, b_):
 # AMX tiles (register-number intrinsics; needs arch_prctl permission, see target.py)
 
 @intrinsic
-def amx_config(typingctx, cfg):
-    """ldtilecfg from a 64-byte uint8 array (palette, colsb[16], rows[16]); per thread."""
+def amx_config(typingctx, cfg, idx):
+    """ldtilecfg from 64 bytes at cfg[idx] (palette, colsb[16], rows[16]); per thread."""
     def cg(ctx, b, sig, args):
-        _call(b, "llvm.x86.ldtilecfg", ir.VoidType(), [_elem_ptr(ctx, b, sig.args[0], args[0], ir.Constant(I64, 0), I8)])
+        _call(b, "llvm.x86.ldtilecfg", ir.VoidType(), [_elem_ptr(ctx, b, sig.args[0], args[0], args[1], I8)])
         return ctx.get_dummy_value()
-    return types.void(cfg), cg
+    return types.void(cfg, idx), cg
 
 
 def _tile_no(v):
     return ir.Constant(I8, v)
 
 
+def _literal_tiles(*ts):
+    """AMX tile numbers are encoded in the instruction: ask Numba for literal argument types."""
+    from numba.core.errors import RequireLiteralValue
+    for t in ts:
+        if not isinstance(t, types.IntegerLiteral):
+            raise RequireLiteralValue("AMX tile numbers must be integer constants")
+
+
 @intrinsic
 def amx_zero(typingctx, t):
+    _literal_tiles(t)
     def cg(ctx, b, sig, args):
         _call(b, "llvm.x86.tilezero", ir.VoidType(), [_tile_no(sig.args[0].literal_value)])
         return ctx.get_dummy_value()
@@ -480,6 +489,7 @@ def amx_zero(typingctx, t):
 
 @intrinsic
 def amx_load(typingctx, t, arr, idx, stride_bytes):
+    _literal_tiles(t)
     def cg(ctx, b, sig, args):
         p = _elem_ptr(ctx, b, sig.args[1], args[1], args[2], I8)
         s = ctx.cast(b, args[3], sig.args[3], types.int64)
@@ -490,6 +500,7 @@ def amx_load(typingctx, t, arr, idx, stride_bytes):
 
 @intrinsic
 def amx_store(typingctx, t, arr, idx, stride_bytes):
+    _literal_tiles(t)
     def cg(ctx, b, sig, args):
         p = _elem_ptr(ctx, b, sig.args[1], args[1], args[2], I8)
         s = ctx.cast(b, args[3], sig.args[3], types.int64)
@@ -501,6 +512,7 @@ def amx_store(typingctx, t, arr, idx, stride_bytes):
 def _make_amx_dot(name):
     @intrinsic
     def dot(typingctx, c, a, b_):
+        _literal_tiles(c, a, b_)
         def cg(ctx, b, sig, args):
             _call(b, name, ir.VoidType(), [_tile_no(t.literal_value) for t in sig.args])
             return ctx.get_dummy_value()

@@ -166,8 +166,6 @@ OPS = {
     "amx_config": (1, 1), "amx_zero": (1, 1), "amx_load": (3, 3), "amx_store": (3, 3),
     "amx_dot_bf16": (3, 3), "amx_dot_u8s8": (3, 3), "amx_release": (0, 0),
 }
-for _name in OPS:
-    globals()[_name] = _not_python(_name)
 VEC_METHODS = {"zeros": 0, "bcast": 1, "load": 1, "load_bf16": 1, "load_s8": 1}
 
 
@@ -299,7 +297,7 @@ def kernel(fn=None, *, space: Space | None = None, ref: Callable | None = None, 
     """Compile a Python function into a checked, tunable CPU kernel.
 
     space: tile parameters to tune (keyword-only parameters of fn); ref: the PyTorch reference,
-    taking the kernel's non-output arguments and returning its outputs; key: dim -> 'exact' |
+    taking the kernel's arguments (outputs only for their shapes) and returning its outputs; key: dim -> 'exact' |
     'pow2' | callable, how problem sizes are bucketed for tuning (default: exact).
     """
     from .runtime import Kernel

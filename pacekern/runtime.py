@@ -30,7 +30,7 @@ class KernelSpec:
     name: str                 # kernel function name
     ir: ir.KernelIR           # unbound IR: tile parameters still symbolic, helpers inlined
     space: Space              # tile parameters to tune
-    ref: Callable | None      # PyTorch reference: non-output args -> outputs
+    ref: Callable | None      # PyTorch reference: the kernel's args -> its outputs (must not write them)
     key: dict                 # dim -> bucket name or callable, for tuning-cache keys
     source_hash: str          # hash of the IR: covers inlined helpers and the numeric globals read
     origin: str               # "file.py:line" of the kernel definition
@@ -183,10 +183,10 @@ class Kernel:
             return cfg
         cfg = self._pinned.get(tuple(sorted(b))) or self._pinned.get(None)
         if cfg is None and self.spec.space.params:
-            from . import tune
-            cfg = tune.cached_best(self, b)
+            from . import tuner
+            cfg = tuner.cached_best(self, b)
             if cfg is None and env.flag("PACEKERN_TUNE"):
-                cfg = tune.tune(self, *bound.args).best
+                cfg = tuner.tune(self, *bound.args).best
             if cfg is None:
                 cfg = self.spec.space.default_config()
                 log.debug("%s: no tuned config for %s; using the default %s", self.name, _dims_str(dict(b)), cfg)
@@ -245,9 +245,7 @@ class Kernel:
     def run_ref(self, bound: Bound):
         """Run the reference and write its results into the output arguments."""
         import torch
-        params = self.spec.ir.params
-        ins = [a for p, a in zip(params, bound.args) if not p.out]
-        res = self.spec.ref(*ins)
+        res = self.spec.ref(*bound.args)
         res = res if isinstance(res, (tuple, list)) else (res,)
         for o, r in zip(bound.outs, res):
             r = torch.as_tensor(r)

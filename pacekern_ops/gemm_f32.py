@@ -21,40 +21,45 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return wp.view(np_, 16, k).transpose(1, 2).contiguous()
 
 
-def ref(x, wp):
-    """Reference: unpack and multiply in fp32 (N is recovered from the panels, padded)."""
-    w = wp.transpose(1, 2).reshape(-1, wp.shape[1])      # [Npad, K]
-    return x @ w.t()
+def unpack(wp: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack: [cdiv(N, 16), K, 16] -> [K, N]."""
+    return wp.transpose(1, 2).reshape(-1, wp.shape[1])[:n].t()
+
+
+def ref(x, wp, y):
+    return x @ unpack(wp, y.shape[1])
 
 
 SPACE = pk.Space(
     MR=pk.choice(4, 5, 6, 7, 8, 12), NV=pk.choice(1, 2, 3, 4), KC=pk.choice(128, 256, 512), MC=pk.choice(48, 96, 192),
     # LLVM hoists the MR broadcasts of a k step above its FMAs: all of them are live at once
-    where=lambda c: c.MR * c.NV + c.NV + c.MR <= 32 and c.MC % c.MR == 0 and c.KC * 64 * c.NV <= 48 * 1024,
+    # and the B micro-panel (KC x 16 NV floats) must fit in L1 beside the A rows
+    where=lambda c: c.MR * c.NV + c.NV + c.MR <= 32 and c.KC * 64 * c.NV <= 48 * 1024,
     default=dict(MR=4, NV=4, KC=128, MC=96))
 
 
-@pk.kernel(space=SPACE, key={"M": "pow2"})
+@pk.kernel(space=SPACE, ref=ref, key={"M": "pow2"})
 def gemm_f32(x: pk.f32[M, K], wp: pk.f32[pk.cdiv(N, 16), K, 16], y: pk.Out[pk.f32[M, N]], *, MR, NV, KC, MC):
     for m0 in pk.prange(0, M, MC):
+        m1 = min(m0 + MC, M)                                  # this thread's rows: [m0, m1)
         for k0 in range(0, K, KC):
             k1 = min(k0 + KC, K)
             for j0 in range(0, N, 16 * NV):
-                for i0 in range(m0, min(m0 + MC, M), MR):
+                for i0 in range(m0, m1, MR):
                     acc = pk.tile(pk.f32x16, MR, NV)
                     if k0 > 0:                                # accumulate onto the previous K slice
                         for i in pk.unroll(MR):
                             for j in pk.unroll(NV):
-                                acc[i, j] = pk.f32x16.load(y[min(i0 + i, M - 1), min(j0 + 16 * j, N - 1)], n=N - j0 - 16 * j)
+                                acc[i, j] = pk.f32x16.load(y[min(i0 + i, m1 - 1), min(j0 + 16 * j, N - 1)], n=N - j0 - 16 * j)
                     b = pk.tile(pk.f32x16, NV)
                     for k in range(k0, k1):
                         for j in pk.unroll(NV):
                             b[j] = pk.f32x16.load(wp[min(j0 // 16 + j, (N - 1) // 16), k, 0])
                         for i in pk.unroll(MR):
-                            a = pk.f32x16.bcast(x[min(i0 + i, M - 1), k])   # rows past M repeat row M-1 (not stored)
+                            a = pk.f32x16.bcast(x[min(i0 + i, m1 - 1), k])   # rows past m1 repeat row m1-1 (not stored)
                             for j in pk.unroll(NV):
                                 acc[i, j] = pk.fma(a, b[j], acc[i, j])
                     for i in pk.unroll(MR):
-                        if i0 + i < M:
+                        if i0 + i < m1:
                             for j in pk.unroll(NV):
                                 pk.store(y[i0 + i, min(j0 + 16 * j, N - 1)], acc[i, j], n=N - j0 - 16 * j)
