@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,7 +72,10 @@ class _Emitter:
 
     def expr(self, e, prec: int = 0) -> str:
         if isinstance(e, ir.Const):
-            return repr(e.value)
+            v = e.value
+            if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+                return "np.nan" if math.isnan(v) else ("np.inf" if v > 0 else "-np.inf")
+            return repr(v)
         if isinstance(e, ir.Name):
             return e.id
         if isinstance(e, ir.BinOp):
@@ -152,6 +156,7 @@ def generate(k: ir.KernelIR, parallel: bool, origin: str, interpret: bool = Fals
         f"# isa:    {k.isa}  (intrinsics {isa_hash()})",
         "# arrays arrive flattened (C order); x[i, j] is _k.ld(x, i * stride + j)",
     ]
+    head.append("import numpy as np")
     if interpret:
         head += ["from pacekern.interp import njit, prange", "from pacekern import interp as _k"]
     else:

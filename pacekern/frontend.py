@@ -25,7 +25,11 @@ class PkSyntaxError(SyntaxError):
 
 
 def _source(fn):
-    lines, first = inspect.getsourcelines(fn)
+    try:
+        lines, first = inspect.getsourcelines(fn)
+    except (OSError, TypeError) as e:
+        raise PkSyntaxError(f"kernel '{fn.__name__}': cannot read its source ({e}); kernels and @pk.func helpers "
+                            f"must be defined in a .py file (not exec() or an interactive prompt)") from None
     src = textwrap.dedent("".join(lines))
     return src, first, inspect.getsourcefile(fn) or "<unknown>"
 
@@ -58,7 +62,8 @@ class _Translator:
         return self.prefix + name if self.prefix else name
 
     def is_pk(self, node) -> bool:
-        return isinstance(node, ast.Name) and self.fn.__globals__.get(node.id) is lang_module()
+        """`pk` may be the pacekern package or pacekern.lang (inside pacekern itself)."""
+        return isinstance(node, ast.Name) and self.fn.__globals__.get(node.id) in (lang_module(), lang)
 
     # ---- statements ---------------------------------------------------------------------------
     def body(self, stmts) -> tuple:
@@ -285,6 +290,12 @@ class _Translator:
             if kw:
                 self.error(e, f"unexpected keyword(s) {', '.join(kw)}")
             return ir.Op(op, tuple(args), line=ln)
+        if isinstance(f, ast.Name) and f.id == "float" and len(e.args) == 1 and isinstance(e.args[0], ast.Constant) \
+                and isinstance(e.args[0].value, str):
+            try:                                       # float("inf"), float("-inf"), float("nan")
+                return ir.Const(float(e.args[0].value), line=ln)
+            except ValueError:
+                self.error(e, f"float({e.args[0].value!r}) is not a number")
         if isinstance(f, ast.Name) and f.id in _SCALAR_BUILTINS and f.id not in self.locals:
             lo, hi = _SCALAR_BUILTINS[f.id]
             if not lo <= len(e.args) <= hi or kw:
@@ -348,12 +359,16 @@ def lang_module():
 def parse(fn) -> ir.KernelIR:
     """Translate a kernel function into unbound tile IR (tile parameters still symbolic)."""
     sig = inspect.signature(fn)
+    try:       # also works under `from __future__ import annotations` (string annotations)
+        annotations = inspect.get_annotations(fn, eval_str=True)
+    except Exception as e:
+        raise PkSyntaxError(f"kernel '{fn.__name__}': cannot evaluate its parameter annotations: {e}") from None
     params, consts, ir_params, dims = {}, [], [], []
     for p in sig.parameters.values():
         if p.kind == p.KEYWORD_ONLY:
             consts.append(p.name)
             continue
-        ann = fn.__annotations__.get(p.name)
+        ann = annotations.get(p.name)
         if isinstance(ann, lang.ArrayType):
             for d in ann.shape:
                 for n in lang.dim_names(d):

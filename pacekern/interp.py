@@ -120,6 +120,10 @@ def f32_to_bf16_bits(v):
     return out
 
 
+def bitcast(a, to):
+    return a.view(_NP[to][0]).copy()
+
+
 def add(a, b):
     return (a + b).astype(a.dtype)
 
@@ -247,3 +251,9 @@ def amx_dot_bf16(c, a, b):
 
 def amx_release():
     _tiles.clear()
+
+
+def cast_i32_u8(a):
+    out = np.zeros(64, np.uint8)
+    out[:16] = np.clip(a.astype(np.int64), 0, 255)
+    return out

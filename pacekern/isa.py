@@ -316,17 +316,14 @@ def cast_i32_f32(typingctx, a):
 
 @intrinsic
 def bitcast(typingctx, a, to):
-    """Reinterpret the 64 bytes of a vector as another vector type (to: a VecType instance)."""
-    target = getattr(to, "instance_type", None) or getattr(to, "value", None)
+    """Reinterpret the 64 bytes of a vector as another vector type; `to` is the type's name."""
+    from numba.core.errors import RequireLiteralValue
     if not isinstance(a, VecType):
         return None
-    target = _resolve_vt(to)
+    if not isinstance(to, types.StringLiteral):
+        raise RequireLiteralValue("bitcast target must be a constant type name")
+    target = VECTYPES[to.literal_value]
     return target(a, to), lambda ctx, b, sig, args: b.bitcast(args[0], target.llvm)
-
-
-def _resolve_vt(t):
-    # `to` arrives as a StringLiteral of the type name
-    return VECTYPES[t.literal_value]
 
 
 @intrinsic
@@ -561,7 +558,7 @@ LOWER: dict[str, dict[str, str]] = {
     "amx_dot_u8s8": {"amx": "amx_dot_u8s8"},
     "amx_release": {"amx": "amx_release"},
 }
-for _op in ("store", "store_masked", "fma", "add", "sub", "mul", "div", "vmax", "vmin", "neg", "hsum",
+for _op in ("bitcast", "store", "store_masked", "fma", "add", "sub", "mul", "div", "vmax", "vmin", "neg", "hsum",
             "hmax", "hmin", "sqrt", "exp", "cast_f32_i32", "cast_i32_f32", "store_bf16", "f32_to_bf16_bits",
             "f32x16_load_bf16", "f32x16_load_bf16_masked", "f32x16_load_s8", "f32x16_load_s8_masked"):
     LOWER[_op] = {"generic": _op}
@@ -577,3 +574,24 @@ def lower(op: str, level: str) -> str | None:
         if lv in row:
             return row[lv]
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# narrowing to u8 (requantization epilogues)
+
+@intrinsic
+def cast_i32_u8(typingctx, a):
+    """i32x16 -> u8x64: each lane clamped to [0, 255] (signed saturation, like vpmaxsd/vpminsd then
+    vpmovdb) into bytes 0..15; bytes 16..63 are zero. Store it with pk.store(y[i, j], v, n=16)."""
+    if a != i32x16:
+        return None
+    def cg(ctx, b, sig, args):
+        v16 = ir.VectorType(I32, 16)
+        v = _call(b, "llvm.smax.v16i32", v16, [args[0], ir.Constant(v16, [0] * 16)])
+        v = _call(b, "llvm.smin.v16i32", v16, [v, ir.Constant(v16, [255] * 16)])
+        t = b.trunc(v, ir.VectorType(I8, 16))
+        return b.shuffle_vector(t, ir.Constant(t.type, None), ir.Constant(ir.VectorType(I32, 64), list(range(16)) + [16] * 48))
+    return u8x64(a), cg
+
+
+LOWER["cast_i32_u8"] = {"generic": "cast_i32_u8"}

@@ -113,9 +113,8 @@ class Kernel:
             if d not in kir.dims or not (callable(b) or b in BUCKETS):
                 raise ValueError(f"kernel '{kir.name}': key entry {d}={b!r} must name a dim ({', '.join(kir.dims)}) "
                                  f"and 'exact', 'pow2' or a callable")
-        code = fn.__code__
         self.spec = KernelSpec(kir.name, kir, space, ref, key, hashlib.sha256(ir.show(kir).encode()).hexdigest()[:16],
-                               f"{code.co_filename}:{code.co_firstlineno}")
+                               _origin(fn))
         self.name = kir.name
         self.__doc__ = fn.__doc__
         self._compiled: dict = {}
@@ -270,6 +269,14 @@ class Kernel:
         fn.compile(tuple(sig))
         text = "\n".join(fn.inspect_asm().values())
         return AsmReport.of(text)
+
+
+def _origin(fn) -> str:
+    """'pacekern_ops/gemm_f32.py:41': the module path from its top package (stable across clones)."""
+    mod, code = fn.__module__ or "", fn.__code__
+    if mod and mod != "__main__" and code.co_filename.endswith(".py"):
+        return mod.replace(".", "/") + f".py:{code.co_firstlineno}"
+    return f"{Path(code.co_filename).name}:{code.co_firstlineno}"
 
 
 def _dims_str(d: dict) -> str:

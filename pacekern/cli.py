@@ -1,0 +1,186 @@
+"""`pacekern` command line: demo, bench, tune, check, show, cache, env."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _ops(names):
+    from pacekern_ops.registry import OPS
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        sys.exit(f"pacekern: unknown op(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+    return [OPS[n] for n in (names or OPS)]
+
+
+def _sizes(op, text: str | None):
+    sizes = dict(op.sizes)
+    for part in filter(None, (text or "").split(",")):
+        k, _, v = part.partition("=")
+        if k not in sizes or not v.isdigit():
+            sys.exit(f"pacekern: --sizes expects {','.join(f'{k}=N' for k in op.sizes)}, got {part!r}")
+        sizes[k] = int(v)
+    return sizes
+
+
+def _problems(args):
+    for op in _ops(args.ops):
+        size_list = [_sizes(op, args.sizes)] + ([] if args.sizes else [dict(v) for v in op.variants])
+        for sizes in size_list:
+            yield op, sizes
+
+
+def _shape(sizes) -> str:
+    return " ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def cmd_tune(args):
+    import pacekern as pk
+    for op, sizes in _problems(args):
+        prob = op.build(**sizes)
+        for kernel, kargs in prob.tune:
+            res = pk.tune(kernel, *kargs, budget_s=args.budget, force=args.force, cold=prob.unit == "GB/s")
+            print(res.pin_line())
+
+
+def cmd_check(args):
+    failed = 0
+    for op, sizes in _problems(args):
+        prob = op.build(**sizes)
+        try:
+            prob.check()
+            print(f"ok    {op.name} {_shape(sizes)}")
+        except AssertionError as e:
+            failed += 1
+            print(f"FAIL  {op.name} {_shape(sizes)}: {str(e).splitlines()[0]}")
+    sys.exit(1 if failed else 0)
+
+
+def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
+    """Check, (tune), and time ours vs torch interleaved; one row per problem."""
+    import pacekern as pk
+    from pacekern.bench import interleaved
+    from pacekern.limits import limits
+    lim = limits()
+    rows = []
+    for op, sizes in problems:
+        prob = op.build(**sizes)
+        prob.check()
+        if tune:
+            for kernel, kargs in prob.tune:
+                pk.tune(kernel, *kargs, budget_s=budget, cold=prob.unit == "GB/s", verbose=False)
+        t = interleaved({"ours": prob.ours, "torch": prob.torch}, rounds=rounds)
+        ours, base = t["ours"].median_s, t["torch"].median_s
+        rate = prob.work / ours / 1e9
+        peak = lim.fma_gflops if prob.unit == "GFLOP/s" else lim.stream_gbs
+        rows.append(dict(op=op.name, shape=_shape(sizes), ours_ms=ours * 1e3, torch_ms=base * 1e3, ratio=base / ours,
+                         rate=rate, unit=prob.unit, pct=100 * rate / peak))
+    return rows, lim
+
+
+def print_table(rows, lim):
+    print(f"limits (measured, {lim.threads} threads): fp32 FMA {lim.fma_gflops:.0f} GFLOP/s, DRAM read {lim.stream_gbs:.1f} GB/s")
+    print(f"{'op':11s} {'shape':24s} {'ours ms':>9s} {'torch ms':>9s} {'x torch':>8s} {'rate':>16s} {'% limit':>8s}")
+    for r in rows:
+        print(f"{r['op']:11s} {r['shape']:24s} {r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}x "
+              f"{r['rate']:8.1f} {r['unit']:7s} {r['pct']:7.0f}%")
+
+
+def cmd_bench(args):
+    from pacekern.limits import limits
+    if args.remeasure:
+        limits(remeasure=True)
+    rows, lim = bench_rows(list(_problems(args)), tune=not args.no_tune, budget=args.budget, rounds=args.rounds)
+    print_table(rows, lim)
+
+
+def cmd_demo(args):
+    """Check, tune and benchmark the proof kernels against PyTorch (a first look at the machine)."""
+    import pacekern as pk
+    hw = pk.target()
+    print(f"pacekern {pk.__version__}: ISA level {hw.level} (host {hw.host_level}), {hw.threads} threads, "
+          f"L2 {hw.l2 >> 20} MiB/core, L3 {hw.l3 >> 20} MiB")
+    t0 = time.perf_counter()
+    from pacekern_ops.registry import OPS
+    problems = [(OPS["gemm_f32"], dict(M=512, N=512, K=512)), (OPS["gemv_bf16"], dict(M=1, N=8960, K=1536)),
+                (OPS["gemv_s8"], dict(M=1, N=8960, K=1536))]
+    rows, lim = bench_rows(problems, tune=True, budget=args.budget, rounds=5)
+    print_table(rows, lim)
+    print(f"done in {time.perf_counter() - t0:.1f}s (tuning results are cached: the next run only times)")
+
+
+def cmd_show(args):
+    import pacekern as pk
+    op = _ops([args.op])[0]
+    prob = op.build(**_sizes(op, args.sizes))
+    for kernel, kargs in prob.tune:
+        cfg = kernel.config_for(kernel.bind(kargs))
+        print(f"# {kernel.name} {cfg}")
+        if args.what == "ir":
+            print(kernel.show_ir(cfg))
+        elif args.what == "source":
+            print(kernel.source(cfg))
+        else:
+            r = kernel.asm(cfg)
+            print(r.summary())
+            if args.full:
+                print("\n\n".join(r.inner_loops))
+
+
+def cmd_cache(args):
+    from pacekern import cache, env
+    if args.action == "clear":
+        n = cache.clear()
+        print(f"cleared {env.get('PACEKERN_CACHE_DIR')} ({n} files)")
+        return
+    rows = cache.summary()
+    print(f"tuning cache: {env.get('PACEKERN_CACHE_DIR')}/tune.sqlite, {len(rows)} kernel/bucket entries")
+    for r in sorted(rows, key=lambda r: r["kernel"]):
+        best = f"{r['best'][0] * 1e3:.3f} ms {r['best'][1]}" if r["best"] else "no valid config"
+        print(f"  {r['kernel']:16s} {r['bucket']:28s} {r['n']:3d} configs  best {best}")
+
+
+def cmd_env(args):
+    from pacekern.env import markdown_table
+    print(markdown_table())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="pacekern", description="Python CPU kernels: check, tune, benchmark.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="check, tune and benchmark the proof kernels against PyTorch")
+    d.add_argument("--budget", type=float, default=20.0, help="tuning budget per kernel, seconds")
+    d.set_defaults(fn=cmd_demo)
+    for name, fn, hlp in [("bench", cmd_bench, "time ops beside PyTorch: ratio, rate, % of this machine's limits"),
+                          ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
+                          ("check", cmd_check, "check ops against PyTorch")]:
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("ops", nargs="*", help="op names (default: all); see pacekern_ops/registry.py")
+        p.add_argument("--sizes", help="e.g. M=1,N=8960,K=1536 (default: the op's sizes)")
+        if name in ("bench", "tune"):
+            p.add_argument("--budget", type=float, default=None, help="tuning budget per kernel, seconds")
+        if name == "tune":
+            p.add_argument("--force", action="store_true", help="re-time configs already in the cache")
+        if name == "bench":
+            p.add_argument("--no-tune", action="store_true", help="time the cached/default configs only")
+            p.add_argument("--rounds", type=int, default=7)
+            p.add_argument("--remeasure", action="store_true", help="measure the machine's limits again")
+        p.set_defaults(fn=fn)
+    s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
+    s.add_argument("op")
+    s.add_argument("what", choices=["ir", "source", "asm"])
+    s.add_argument("--sizes")
+    s.add_argument("--full", action="store_true", help="with asm: print the inner loops")
+    s.set_defaults(fn=cmd_show)
+    c = sub.add_parser("cache", help="list or clear the tuning cache and generated code")
+    c.add_argument("action", choices=["ls", "clear"])
+    c.set_defaults(fn=cmd_cache)
+    e = sub.add_parser("env", help="the environment variables pacekern reads")
+    e.set_defaults(fn=cmd_env)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

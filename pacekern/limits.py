@@ -1,0 +1,96 @@
+"""This machine's measured limits, the yardsticks `pacekern bench` reports against:
+peak fp32 FMA rate (all threads, zmm FMAs on independent accumulators) and streaming read
+bandwidth (all threads summing an array much larger than the last-level cache). Measured once
+per CPU fingerprint and cached in <cache>/limits.json; `pacekern bench --remeasure` redoes it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import bench, env
+from . import lang as pk
+from .target import cpu
+
+N = pk.dims("N")
+
+
+@pk.kernel
+def _fma_peak(x: pk.f32[16], out: pk.Out[pk.f32[N]], iters: pk.i64):
+    """24 independent FMA chains per thread (latency 4 x 2 ports needs >= 8): pure issue rate."""
+    for t in pk.prange(N // 16):
+        acc = pk.tile(pk.f32x16, 24)
+        for j in pk.unroll(24):
+            acc[j] = pk.f32x16.bcast(0.001 * j)
+        a = pk.f32x16.load(x[0])
+        b = pk.f32x16.bcast(0.999)
+        for i in range(iters):
+            for j in pk.unroll(24):
+                acc[j] = pk.fma(acc[j], b, a)
+        s = acc[0]
+        for j in pk.unroll(1, 24):
+            s = s + acc[j]
+        pk.store(out[t * 16], s)
+
+
+@pk.kernel
+def _stream_sum(x: pk.f32[N], out: pk.Out[pk.f32[64]], chunk: pk.i64):
+    """Each thread sums its contiguous chunk with 8 accumulators: bandwidth, not latency, bound."""
+    for t in pk.prange(N // chunk):
+        acc = pk.tile(pk.f32x16, 8)
+        for i in range(t * chunk, t * chunk + chunk, 128):
+            for j in pk.unroll(8):
+                acc[j] = acc[j] + pk.f32x16.load(x[i + 16 * j])
+        s = acc[0]
+        for j in pk.unroll(1, 8):
+            s = s + acc[j]
+        out[t] = pk.hsum(s)
+
+
+@dataclass(frozen=True)
+class Limits:
+    fma_gflops: float         # fp32 GFLOP/s, all threads
+    stream_gbs: float         # GB/s read from DRAM, all threads
+    threads: int
+    fingerprint: str
+
+
+def _path() -> Path:
+    return Path(env.get("PACEKERN_CACHE_DIR")) / "limits.json"
+
+
+def measure() -> Limits:
+    hw = cpu()
+    threads = hw.threads
+    iters = 20000
+    x = np.ones(16, np.float32)
+    out = np.zeros(16 * threads, np.float32)
+    t = bench.interleaved({"fma": lambda: _fma_peak(x, out, iters)}, rounds=5)["fma"]
+    gflops = threads * iters * 24 * 16 * 2 / t.median_s / 1e9
+    n = max(64 << 20, 4 * hw.l3 // 4)                # floats: >= 4x the last-level cache
+    chunk = -(-n // threads)
+    chunk = -(-chunk // 128) * 128
+    big = np.ones(chunk * threads, np.float32)
+    res = np.zeros(64, np.float32)
+    t = bench.interleaved({"stream": lambda: _stream_sum(big, res, chunk)}, rounds=5, min_sample_s=0.05, warmup=1)["stream"]
+    gbs = big.nbytes / t.median_s / 1e9
+    return Limits(round(gflops, 1), round(gbs, 2), threads, hw.fingerprint())
+
+
+def limits(remeasure: bool = False) -> Limits:
+    """Cached measurement for this CPU fingerprint and thread count (measures on first use, ~10 s)."""
+    p = _path()
+    if not remeasure and p.exists():
+        try:
+            d = json.loads(p.read_text())
+            if d.get("fingerprint") == cpu().fingerprint():
+                return Limits(**d)
+        except (ValueError, TypeError):
+            pass
+    lim = measure()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(asdict(lim)))
+    return lim

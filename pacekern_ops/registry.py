@@ -1,0 +1,88 @@
+"""The op registry for benchmarks and tuning: op name -> how to build a problem, our implementation,
+PyTorch's baseline, and the work it does (FLOPs or bytes), so `pacekern bench`, `pacekern tune`
+and the pytest-benchmark suites all measure the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Problem:
+    ours: Callable[[], object]        # runs our kernel once (arguments bound)
+    torch: Callable[[], object]       # runs the PyTorch baseline once
+    work: float                       # FLOPs (unit 'GFLOP/s') or bytes (unit 'GB/s') per call
+    unit: str                         # 'GFLOP/s' | 'GB/s'
+    tune: tuple = ()                  # (kernel, args) pairs to tune for this problem
+    check: Callable[[], object] | None = None   # raises if ours disagrees with torch
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    sizes: dict                       # default problem sizes
+    build: Callable[..., Problem]     # build(**sizes) -> Problem
+    doc: str = ""
+    variants: tuple = field(default=())   # extra size dicts benchmarked by default
+
+
+def _rotate(make, copies):
+    """Cycle through `copies` independent inputs so weights come from DRAM (decode-like)."""
+    sets = [make() for _ in range(copies)]
+    state = [0]
+
+    def nxt():
+        state[0] = (state[0] + 1) % copies
+        return sets[state[0]]
+    return nxt
+
+
+def _cold_copies(nbytes):
+    from pacekern.bench import cold_copies
+    from pacekern.target import cpu
+    return cold_copies(nbytes, cpu().l3, max_bytes=2 << 30)
+
+
+def build_gemm_f32(M, N, K):
+    from .gemm_f32 import gemm_f32, pack
+    x, w = torch.randn(M, K), torch.randn(K, N)
+    wp, y = pack(w), torch.empty(M, N)
+    return Problem(lambda: gemm_f32(x, wp, y), lambda: torch.matmul(x, w), 2.0 * M * N * K, "GFLOP/s",
+                   tune=((gemm_f32, (x, wp, y)),),
+                   check=lambda: torch.testing.assert_close(gemm_f32(x, wp, y), x @ w, rtol=1e-4, atol=1e-3))
+
+
+def build_gemv_bf16(M, N, K):
+    from .gemv import gemv_bf16
+    nbytes = N * K * 2
+    nxt = _rotate(lambda: torch.randn(N, K).bfloat16(), _cold_copies(nbytes))
+    x, y = torch.randn(M, K), torch.empty(M, N)
+    xb = x.bfloat16()
+    w0 = nxt()
+    return Problem(lambda: gemv_bf16(x, nxt(), y), lambda: torch.nn.functional.linear(xb, nxt()), float(nbytes), "GB/s",
+                   tune=((gemv_bf16, (x, w0, y)),),
+                   check=lambda: torch.testing.assert_close(gemv_bf16(x, w0, y), x @ w0.float().t(), rtol=1e-4, atol=1e-3))
+
+
+def build_gemv_s8(M, N, K):
+    from .gemv import gemv_s8, quantize_rows
+    nbytes = N * K
+    nxt = _rotate(lambda: quantize_rows(torch.randn(N, K)), _cold_copies(nbytes))
+    x, y = torch.randn(M, K), torch.empty(M, N)
+    xb = x.bfloat16()
+    q0, s0 = nxt()
+    # torch's fastest weight-only int8 CPU path: int8 weights, per-channel scales, bf16 activations
+    base = lambda: torch.ops.aten._weight_int8pack_mm(xb, *nxt())
+    return Problem(lambda: gemv_s8(x, *nxt(), y), base, float(nbytes), "GB/s", tune=((gemv_s8, (x, q0, s0, y)),),
+                   check=lambda: torch.testing.assert_close(gemv_s8(x, q0, s0, y), (x @ q0.float().t()) * s0, rtol=1e-4, atol=1e-3))
+
+
+OPS = {op.name: op for op in [
+    Op("gemm_f32", dict(M=1024, N=1024, K=1024), build_gemm_f32, "fp32 GEMM, packed weights vs torch.matmul"),
+    Op("gemv_bf16", dict(M=1, N=49152, K=576), build_gemv_bf16, "decode GEMV, bf16 weights streamed from DRAM vs torch bf16 linear",
+       variants=(dict(M=1, N=8960, K=1536),)),
+    Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),
+]}

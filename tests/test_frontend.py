@@ -1,0 +1,122 @@
+"""The compiler's contract with the user: what parses, and errors that point at the right line."""
+import pytest
+import torch
+
+import pacekern as pk
+from conftest import needs_compiled_avx512
+
+N = pk.dims("N")
+
+
+def test_syntax_error_points_at_kernel_line():
+    with pytest.raises(pk.PkSyntaxError) as e:
+        @pk.kernel
+        def bad(x: pk.f32[N]):
+            with open("f"):
+                pass
+    msg = str(e.value)
+    assert "test_frontend.py" in msg and "'With' statements are not supported" in msg and 'with open("f")' in msg
+
+
+def test_undefined_name_and_bad_global():
+    with pytest.raises(pk.PkSyntaxError, match="name 'nope' is not defined"):
+        @pk.kernel
+        def bad(x: pk.f32[N]):
+            x[0] = nope
+    with pytest.raises(pk.PkSyntaxError, match="only read numeric globals"):
+        @pk.kernel
+        def bad2(x: pk.f32[N]):
+            x[0] = torch
+
+
+def test_missing_annotation_and_space_mismatch():
+    with pytest.raises(pk.PkSyntaxError, match="needs an annotation"):
+        @pk.kernel
+        def bad(x):
+            pass
+    with pytest.raises(pk.PkSyntaxError, match="must match the keyword-only tile parameters"):
+        @pk.kernel(space=pk.Space(A=pk.choice(1, 2)))
+        def bad2(x: pk.f32[N], *, B):
+            pass
+
+
+def test_kernel_without_source_file_gets_clear_error():
+    ns = {"pk": pk, "N": N}
+    with pytest.raises(pk.PkSyntaxError, match="defined in a .py file"):
+        exec("@pk.kernel\ndef k(x: pk.f32[N]):\n    x[0] = 1.0\n", ns)
+
+
+def test_tile_index_must_be_constant_and_in_bounds():
+    @pk.kernel
+    def dyn(x: pk.f32[N]):
+        acc = pk.tile(pk.f32x16, 2)
+        for i in range(2):
+            acc[i] = pk.f32x16.load(x[0])
+    with pytest.raises(pk.CompileError, match="must be a constant: loop over it with pk.unroll"):
+        dyn.source()
+
+    @pk.kernel
+    def oob(x: pk.f32[N]):
+        acc = pk.tile(pk.f32x16, 2)
+        acc[2] = pk.f32x16.load(x[0])
+    with pytest.raises(pk.CompileError, match="out of bounds"):
+        oob.source()
+
+
+def test_op_type_errors_name_the_problem():
+    @pk.kernel
+    def wrong(a: pk.u8[N], y: pk.Out[pk.f32[N]]):
+        pk.store(y[0], pk.f32x16.load(a[0]))
+    with pytest.raises(pk.CompileError, match="reads f32 elements but 'a' holds u8"):
+        wrong.source()
+
+    @pk.kernel
+    def wrong2(y: pk.Out[pk.f32[N]]):
+        pk.store(y[0], pk.fma(pk.i32x16.zeros(), pk.f32x16.zeros(), pk.f32x16.zeros()))
+    with pytest.raises(pk.CompileError, match=r"pk.fma takes \(f32x16, f32x16, f32x16\)"):
+        wrong2.source()
+
+
+def test_register_budget_is_verified():
+    reason = needs_compiled_avx512()
+    if reason:
+        pytest.skip(reason)
+
+    @pk.kernel
+    def greedy(x: pk.f32[N], y: pk.Out[pk.f32[N]]):
+        acc = pk.tile(pk.f32x16, 40)
+        for k in range(0, N, 16):
+            for i in pk.unroll(40):
+                acc[i] = acc[i] + pk.f32x16.load(x[k])
+        for i in pk.unroll(40):
+            pk.store(y[0], acc[i])
+    with pytest.raises(pk.CompileError, match="uses 40 vector registers but this CPU has 32"):
+        greedy.source()
+
+
+@pk.func
+def _axpy(a, x, y):
+    """A helper: inlined into the kernel that calls it."""
+    t = a * x
+    return t + y
+
+
+@pk.kernel
+def _uses_helper(x: pk.f32[N], y: pk.Out[pk.f32[N]], a: pk.f32):
+    for i in range(0, N, 16):
+        v = pk.f32x16.load(x[i], n=N - i)
+        pk.store(y[i], _axpy(a, v, v), n=N - i)
+
+
+def test_helpers_inline_and_scalars_broadcast():
+    x = torch.randn(37)
+    y = torch.empty(37)
+    _uses_helper(x, y, 3.0)
+    torch.testing.assert_close(y, 4 * x)
+    assert "_axpy" in _uses_helper.show_ir(lowered=False)      # inlined with renamed locals
+
+
+def test_ir_printer_shows_structure():
+    text = _uses_helper.show_ir(lowered=False)
+    assert text.startswith("kernel _uses_helper(x: f32[N], out y: f32[N], a: f32[])")
+    assert "for i in range(0, N, 16):" in text

@@ -1,0 +1,83 @@
+"""The tuner and its cache: validation, persistence, corruption, and a warm second process."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import pacekern as pk
+from conftest import INTERPRET
+from pacekern import cache, tuner
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="tuning times compiled code; the interpreter has none")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACEKERN_CACHE_DIR", str(tmp_path))
+    tuner._memo.clear()
+    yield tmp_path
+    tuner._memo.clear()
+
+
+def _small_gemv():
+    from pacekern_ops.gemv import gemv_bf16
+    return gemv_bf16, (torch.randn(1, 64), torch.randn(512, 64).bfloat16(), torch.empty(1, 512))
+
+
+def test_tune_validates_records_and_reuses(cache_dir):
+    k, args = _small_gemv()
+    res = pk.tune(k, *args, budget_s=60)
+    ok = [r for r in res.records if r.status == "ok"]
+    assert res.best in {r.config for r in ok} and res.new == len(res.records) >= 1
+    assert res.pin_line().startswith("gemv_bf16.pin(pk.Config(")
+    assert tuner.cached_best(k, k.bucket(k.bind(args).dims)) == res.best
+    again = pk.tune(k, *args, budget_s=60)                    # everything known: nothing new is timed
+    assert again.new == 0 and again.best in {r.config for r in ok}
+
+
+def test_wrong_configs_are_rejected(cache_dir):
+    k, args = _small_gemv()
+    bad_ref = lambda x, w, y: x @ w.float().t() + 1.0          # a reference every config disagrees with
+    orig = k.spec
+    object.__setattr__(k, "spec", orig.__class__(**{**orig.__dict__, "ref": bad_ref}))
+    try:
+        res = pk.tune(k, *args, budget_s=30, force=True)
+    finally:
+        object.__setattr__(k, "spec", orig)
+    assert all(r.status == "wrong" for r in res.records) and "differ" in res.records[0].detail
+
+
+def test_corrupt_cache_is_ignored_and_rebuilt(cache_dir, caplog):
+    (cache_dir / "tune.sqlite").write_bytes(b"this is not a database" * 100)
+    k, args = _small_gemv()
+    assert tuner.cached_best(k, k.bucket(k.bind(args).dims)) is None
+    assert any(p.name.startswith("tune.corrupt-") for p in cache_dir.iterdir())
+    assert cache.records("nothing") == []
+
+
+def test_second_process_is_warm(tmp_path):
+    """A tuned kernel called from a fresh process compiles nothing and tunes nothing: < 1 s."""
+    script = tmp_path / "warm.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time, torch
+        from pacekern_ops.gemv import gemv_bf16
+        import pacekern as pk
+        x, w, y = torch.randn(1, 256), torch.randn(4096, 256).bfloat16(), torch.empty(1, 4096)
+        if sys.argv[1] == "tune":
+            pk.tune(gemv_bf16, x, w, y, budget_s=60)
+        t0 = time.perf_counter()
+        gemv_bf16(x, w, y)
+        first = time.perf_counter() - t0
+        from numba.core.dispatcher import Dispatcher
+        print(json.dumps({"first_call_s": first}))
+    """))
+    env = dict(os.environ, PACEKERN_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, str(script), "tune"], env=env, check=True, capture_output=True)
+    out = subprocess.run([sys.executable, str(script), "call"], env=env, check=True, capture_output=True, text=True)
+    import json
+    first = json.loads(out.stdout.strip().splitlines()[-1])["first_call_s"]
+    assert first < 1.0, f"first call in a warm process took {first:.2f}s"
