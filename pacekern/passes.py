@@ -26,9 +26,13 @@ class CompileError(Exception):
     """A kernel that parses but cannot be compiled for this config/ISA; names the line."""
 
 
-def _err(k: ir.KernelIR, node, msg: str):
+class IsaError(CompileError):
+    """The kernel uses an op that the ISA level being compiled for does not have (e.g. AMX)."""
+
+
+def _err(k: ir.KernelIR, node, msg: str, cls=None):
     cfg = ", ".join(f"{n}={v}" for n, v in k.config)
-    raise CompileError(f"kernel '{k.name}'{f' [{cfg}]' if cfg else ''}, line {getattr(node, 'line', '?')}: {msg}")
+    raise (cls or CompileError)(f"kernel '{k.name}'{f' [{cfg}]' if cfg else ''}, line {getattr(node, 'line', '?')}: {msg}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
         target = isa.lower(name, level)
         if target is None:
             _err(k, e, f"pk.{n} needs ISA level {min(isa.LOWER.get(name, {'?': 0}), key=lambda l: isa.LEVELS.index(l) if l in isa.LEVELS else 99)} "
-                       f"but this kernel is being compiled for '{level}'; choose the kernel by pk.target().isa")
+                       f"but this kernel is being compiled for '{level}'; choose the kernel by pk.target().level", IsaError)
         return ir.Op(target, args, vtype=vt, line=e.line)
 
     def go(stmts):

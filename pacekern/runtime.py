@@ -229,8 +229,8 @@ class Kernel:
         cfg = config if config is not None else self.config_for(bound)
         try:
             ck = self.compiled(cfg)
-        except passes.CompileError as e:
-            if self.spec.ref is None or cpu().level == cpu().host_level:
+        except passes.IsaError as e:
+            if self.spec.ref is None:
                 raise
             warn_once(f"fallback-{self.name}", "%s cannot be compiled at ISA level %s (%s); running its reference instead",
                       self.name, cpu().level, e)
