@@ -36,7 +36,12 @@ def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, 
         for r0 in range(n0, min(n0 + NB, N), R):
             for m in range(M):
                 acc = pk.tile(pk.f32x16, R)
-                for k in range(0, K, 16):
+                for k in range(0, K - 15, 16):                      # full vectors, no masks
+                    xv = pk.f32x16.load(x[m, k])
+                    for r in pk.unroll(R):
+                        acc[r] = pk.fma(pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k]), xv, acc[r])
+                if K % 16 != 0:                                      # masked tail
+                    k = K - K % 16
                     xv = pk.f32x16.load(x[m, k], n=K - k)
                     for r in pk.unroll(R):
                         acc[r] = pk.fma(pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])
@@ -51,7 +56,12 @@ def gemv_s8(x: pk.f32[M, K], w: pk.s8[N, K], scale: pk.f32[N], y: pk.Out[pk.f32[
         for r0 in range(n0, min(n0 + NB, N), R):
             for m in range(M):
                 acc = pk.tile(pk.f32x16, R)
-                for k in range(0, K, 16):
+                for k in range(0, K - 15, 16):                      # full vectors, no masks
+                    xv = pk.f32x16.load(x[m, k])
+                    for r in pk.unroll(R):
+                        acc[r] = pk.fma(pk.f32x16.load_s8(w[min(r0 + r, N - 1), k]), xv, acc[r])
+                if K % 16 != 0:                                      # masked tail
+                    k = K - K % 16
                     xv = pk.f32x16.load(x[m, k], n=K - k)
                     for r in pk.unroll(R):
                         acc[r] = pk.fma(pk.f32x16.load_s8(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])

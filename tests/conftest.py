@@ -20,3 +20,13 @@ def needs_compiled_avx512():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/bench/ holds timings, not checks: they run with `pytest --benchmark-only`."""
+    if config.getoption("benchmark_only", False):
+        return
+    skip = pytest.mark.skip(reason="a benchmark: run with pytest --benchmark-only")
+    for item in items:
+        if "tests/bench/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)
