@@ -24,6 +24,7 @@ VARS = {v.name: v for v in [
     Var("PACEKERN_LOG_LEVEL", "info", "debug | profile | info | warning | error. 'profile' prints per-kernel "
         "call counts and time at exit."),
     Var("PACEKERN_CACHE_DIR", "~/.cache/pacekern", "Generated sources, Numba's compiled code and the tuning database."),
+    Var("PACEKERN_MODEL_DIR", "~/.cache/pacekern/models", "Downloaded GGUF files and the Hugging Face directories converted from them."),
     Var("PACEKERN_TUNE", "0", "1 tunes a kernel on its first call for each untuned shape bucket; 0 uses the "
         "tuned config if cached, else the space's default config."),
     Var("PACEKERN_FORCE_TUNE", "0", "1 re-times every config even when the tuning cache has results."),
@@ -37,7 +38,7 @@ VARS = {v.name: v for v in [
 def get(name: str) -> str:
     v = VARS[name]
     val = os.environ.get(name, v.default)
-    return os.path.expanduser(val) if name == "PACEKERN_CACHE_DIR" else val
+    return os.path.expanduser(val) if name.endswith("_DIR") else val
 
 
 def flag(name: str) -> bool:

@@ -383,6 +383,14 @@ def parse(fn) -> ir.KernelIR:
             raise PkSyntaxError(f"kernel '{fn.__name__}': parameter '{p.name}' needs an annotation such as pk.f32[M, K] "
                                 f"(array) or pk.f32 (scalar); tile parameters go after '*' as keyword-only")
         params[p.name] = p.name
+    bare = {d.name for p in ir_params for d in p.shape if isinstance(d, lang.Dim) and not isinstance(d, lang.DimExpr)}
+    for p in ir_params:
+        for d in p.shape:
+            hidden = [n for n in lang.dim_names(d) if n not in bare] if isinstance(d, lang.DimExpr) else []
+            if hidden:
+                raise PkSyntaxError(f"kernel '{fn.__name__}': dim {hidden[0]} appears only inside the expression {d!r} "
+                                    f"(parameter '{p.name}'), so its value cannot be read from the arguments; give some "
+                                    f"parameter {hidden[0]} as a plain dimension, or use a separate dim for {d!r}")
     t = _Translator(fn, params, set(dims), set(consts))
     tree = ast.parse(t.src).body[0]
     body = t.body(tree.body)

@@ -115,3 +115,12 @@ def test_ir_printer_shows_structure():
     text = _uses_helper.show_ir(lowered=False)
     assert text.startswith("kernel _uses_helper(x: f32[N], out y: f32[N], a: f32[])")
     assert "for i in range(0, N, 16):" in text
+
+
+def test_dim_only_inside_an_expression_is_rejected():
+    M, K = pk.dims("M K")
+    with pytest.raises(pk.PkSyntaxError, match=r"dim K appears only inside the expression cdiv\(K, 2\)"):
+        @pk.kernel
+        def f(x2: pk.i32[M, pk.cdiv(K, 2)], y: pk.Out[pk.f32[M]]):
+            for i in range(M):
+                y[i] = 0.0
