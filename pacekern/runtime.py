@@ -254,6 +254,30 @@ class Kernel:
                 o.copy_(r)
         return bound.outs[0] if len(bound.outs) == 1 else tuple(bound.outs)
 
+    # ---- PyTorch ------------------------------------------------------------------------------
+    def as_torch_op(self, qualname: str | None = None):
+        """Register this kernel as a torch custom op (`torch.ops.pacekern.<name>` by default) that
+        writes its outputs in place, so torch.compile'd code can call it without a graph break."""
+        import inspect
+        import torch
+        if qualname is None:
+            qualname = f"pacekern::{self.name}"
+        if qualname in _TORCH_OPS:
+            return _TORCH_OPS[qualname]
+        params = self.spec.ir.params
+        sig = inspect.Signature([inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   annotation=torch.Tensor if p.shape else (float if p.dtype in ("f32", "bf16") else int))
+                                 for p in params], return_annotation=None)
+
+        def impl(*args, **kwargs):
+            self(*sig.bind(*args, **kwargs).args)
+        impl.__signature__ = sig
+        impl.__name__ = self.name
+        op = torch.library.custom_op(qualname, mutates_args=tuple(p.name for p in params if p.out))(impl)
+        op.register_fake(lambda *args, **kwargs: None)
+        _TORCH_OPS[qualname] = op
+        return op
+
     # ---- inspection ---------------------------------------------------------------------------
     def asm(self, config: Config | None = None) -> "AsmReport":
         """Compile (uncached) and summarize the machine code: zmm registers used, vector spills."""
@@ -269,6 +293,9 @@ class Kernel:
         fn.compile(tuple(sig))
         text = "\n".join(fn.inspect_asm().values())
         return AsmReport.of(text)
+
+
+_TORCH_OPS: dict = {}
 
 
 def _origin(fn) -> str:

@@ -193,12 +193,20 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
     make = _arg_factory(args, kernel, cold, hw)
     new_records, best = [], None
     frontier = allowed if full else [default]
-    pool = _CompilePool(max(1, min(hw.cores, 4)))
+    workers = max(1, min(hw.cores, 4))
+    pool = _CompilePool(workers)
     try:
         rnd = 0
         while frontier and time.perf_counter() - t_start < budget:
             rnd += 1
             todo = [c for c in frontier if c not in known]
+            # only as many compiles as the remaining budget allows at the compile speed seen so far
+            secs = [r.compile_s for r in known.values() if r.compile_s > 0] or [3.0]
+            left = budget - (time.perf_counter() - t_start)
+            fit = int(left * 0.8 * workers / (sum(secs) / len(secs))) if rnd > 1 else len(todo)
+            if fit < 1:
+                break
+            todo = todo[:fit]
             recs = _run_round(kernel, todo, pool, args, make, best, known, t_start, budget)
             new_records += recs
             for r in recs:
