@@ -60,32 +60,42 @@ _NP_OK = {"f32": ("float32",), "bf16": ("int16", "uint16"), "i32": ("int32",), "
           "i16": ("int16",), "u8": ("uint8",), "s8": ("int8",)}
 
 
+_TORCH_DTYPES: dict = {}       # torch dtype -> pk dtype name, filled on first use (torch imports lazily)
+
+
+def _torch_dtype_name(dt):
+    if not _TORCH_DTYPES:
+        import torch
+        _TORCH_DTYPES.update({getattr(torch, k): v for k, v in _TORCH_TO_PK.items()})
+    return _TORCH_DTYPES.get(dt)
+
+
 def _as_numpy(name, kname, p: ir.Param, a):
     """Zero-copy 1-D view of argument `a` for param p, or PkArgError naming it."""
-    where = f"{kname}: argument '{name}'"
-    if type(a).__module__.startswith("torch"):
-        import torch
-        if not isinstance(a, torch.Tensor):
-            raise PkArgError(f"{where} must be a tensor or array, got {type(a).__name__}")
+    if isinstance(a, np.ndarray):
+        if str(a.dtype) not in _NP_OK[p.dtype]:
+            raise PkArgError(f"{kname}: argument '{name}' must have dtype {p.dtype} (numpy {_NP_OK[p.dtype][0]}), got {a.dtype}")
+        if not a.flags.c_contiguous:
+            raise PkArgError(f"{kname}: argument '{name}' is not C-contiguous; pass np.ascontiguousarray(...)")
+        arr = a.view(np.int16) if p.dtype == "bf16" else a
+    elif type(a).__module__.startswith("torch") and hasattr(a, "is_contiguous"):
+        where = f"{kname}: argument '{name}'"
+        if _torch_dtype_name(a.dtype) != p.dtype:
+            raise PkArgError(f"{where} must have dtype {p.dtype} ({_pk_to_torch(p.dtype)}), got {a.dtype}")
         if a.device.type != "cpu":
             raise PkArgError(f"{where} is on {a.device}; pacekern kernels run on the CPU")
-        got = _TORCH_TO_PK.get(str(a.dtype).replace("torch.", ""))
-        if got != p.dtype:
-            raise PkArgError(f"{where} must have dtype {p.dtype} ({_pk_to_torch(p.dtype)}), got {a.dtype}")
         if not a.is_contiguous():
             raise PkArgError(f"{where} is not contiguous (strides {tuple(a.stride())}); pass .contiguous()")
-        a = a.detach()
-        arr = (a.view(torch.int16) if p.dtype == "bf16" else a).numpy()
-    elif isinstance(a, np.ndarray):
-        if str(a.dtype) not in _NP_OK[p.dtype]:
-            raise PkArgError(f"{where} must have dtype {p.dtype} (numpy {_NP_OK[p.dtype][0]}), got {a.dtype}")
-        if not a.flags.c_contiguous:
-            raise PkArgError(f"{where} is not C-contiguous; pass np.ascontiguousarray(...)")
-        arr = a.view(np.int16) if p.dtype == "bf16" else a
+        if a.requires_grad:
+            a = a.detach()
+        if p.dtype == "bf16":
+            import torch
+            a = a.view(torch.int16)
+        arr = a.numpy()
     else:
-        raise PkArgError(f"{where} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
+        raise PkArgError(f"{kname}: argument '{name}' must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
     if arr.ndim != len(p.shape):
-        raise PkArgError(f"{where} must have {len(p.shape)} dimensions {_shape_str(p.shape)}, got shape {tuple(arr.shape)}")
+        raise PkArgError(f"{kname}: argument '{name}' must have {len(p.shape)} dimensions {_shape_str(p.shape)}, got shape {tuple(arr.shape)}")
     return arr
 
 
@@ -241,6 +251,22 @@ class Kernel:
             record(self.name, now() - t0)
         return bound.outs[0] if len(bound.outs) == 1 else tuple(bound.outs)
 
+    def prepare(self, *args, config: Config | None = None) -> Callable[[], None]:
+        """Check and bind arguments once; the returned zero-argument call reruns the kernel on the
+        same buffers (their contents may change) at the cost of the bare Numba call. For hot loops
+        such as LLM decode, where buffers are fixed and only their values change."""
+        bound = self.bind(args)
+        ck = self.compiled(config if config is not None else self.config_for(bound))
+        fn, call_args, name = ck.fn, (*bound.flat, *(bound.dims[d] for d in self.spec.ir.dims)), self.name
+        if not PROFILING:
+            return lambda: fn(*call_args)
+
+        def profiled():
+            t0 = now()
+            fn(*call_args)
+            record(name, now() - t0)
+        return profiled
+
     def run_ref(self, bound: Bound):
         """Run the reference and write its results into the output arguments."""
         import torch
@@ -313,15 +339,16 @@ def _dims_str(d: dict) -> str:
 @dataclass(frozen=True)
 class AsmReport:
     """Machine code of a kernel, reduced to what matters: the kernel body (for a prange kernel, the
-    parallel loop body Numba outlines), its innermost loops (found from backward jumps), and in
-    those the registers used and stack spills."""
+    parallel loop body Numba outlines), its innermost loops (found from backward jumps), and for
+    the hot one (most vector arithmetic) the registers used and stack spills."""
     text: str                 # the whole module's assembly
     body: str                 # the kernel body function
     inner_loops: tuple        # assembly of each innermost loop
-    zmm_registers: int        # distinct zmm registers in the innermost loops
+    hot_loop: str             # the innermost loop with the most vector arithmetic
+    zmm_registers: int        # distinct zmm registers in the hot loop
     ymm_registers: int
-    inner_spills: int         # vector loads/stores to the stack inside innermost loops
-    counts: dict              # mnemonic -> count in the innermost loops, for the interesting ones
+    inner_spills: int         # vector loads/stores to the stack inside the hot loop
+    counts: dict              # mnemonic -> count in the hot loop, for the interesting ones
 
     @staticmethod
     def of(text: str) -> "AsmReport":
@@ -344,16 +371,24 @@ class AsmReport:
                 loops.append((labels[m.group(1)], j))
         inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
         code = [body[a: b + 1] for a, b in inner]
-        flat = [l.strip() for c in code for l in c if l.strip() and not l.strip().startswith((".", "#"))]
+        # the hot loop: the innermost loop with the most FMA/dot instructions, then the most other
+        # vector arithmetic (reduction and epilogue blocks that LLVM also lays out as loops are
+        # not what the register budget is about)
+        def n_work(c):
+            ops = [l.split()[0] for l in c if l.strip()]
+            return (sum(o.startswith(("vfmadd", "vpdpbusd", "vdpbf16ps", "tdpb")) for o in ops),
+                    sum(o.startswith(("vaddps", "vmulps", "vmaxps", "vpaddd")) for o in ops))
+        hot = max(code, key=n_work) if code else []
+        flat = [l.strip() for l in hot if l.strip() and not l.strip().startswith((".", "#"))]
         spills = [l for l in flat if re.search(r"%[xyz]mm\d+", l) and re.search(r"\(%r[sb]p\)", l)]
-        interesting = ("vfmadd", "vpdpbusd", "vdpbf16ps", "tdpb", "tileloadd", "vbroadcastss", "vmovups")
+        interesting = ("vfmadd", "vpdpbusd", "vdpbf16ps", "tdpb", "tileloadd", "vbroadcastss", "vpbroadcastd", "vmovups")
         counts = {k: sum(1 for l in flat if l.split()[0].startswith(k)) for k in interesting}
-        return AsmReport(text, "\n".join(body), tuple("\n".join(c) for c in code),
+        return AsmReport(text, "\n".join(body), tuple("\n".join(c) for c in code), "\n".join(hot),
                          len({r for l in flat for r in re.findall(r"%zmm\d+", l)}),
                          len({r for l in flat for r in re.findall(r"%ymm\d+", l)}),
                          len(spills), {k: v for k, v in counts.items() if v})
 
     def summary(self) -> str:
         c = ", ".join(f"{k} {v}" for k, v in self.counts.items())
-        return (f"{len(self.inner_loops)} inner loop(s): {self.zmm_registers} zmm / {self.ymm_registers} ymm registers, "
-                f"{self.inner_spills} vector spills; {c}")
+        return (f"hot loop of {len(self.inner_loops)} inner loop(s): {self.zmm_registers} zmm / {self.ymm_registers} ymm "
+                f"registers, {self.inner_spills} vector spills; {c}")

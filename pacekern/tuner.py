@@ -192,7 +192,10 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
 
     make = _arg_factory(args, kernel, cold, hw)
     new_records, best = [], None
-    frontier = allowed if full else [default]
+    # pattern search starts from the default and a few configs spread over the space, so that a
+    # default whose neighbours are all pruned does not end the search after one round
+    spread = [allowed[i * len(allowed) // 4] for i in range(1, 4)] if not full else []
+    frontier = allowed if full else [default] + [c for c in spread if c != default]
     workers = max(1, min(hw.cores, 4))
     pool = _CompilePool(workers)
     try:

@@ -85,10 +85,17 @@ def build_gemm_bf16(M, N, K):
     return build_problem(M, N, K)
 
 
+def build_gemm_u8s8(M, N, K):
+    from .gemm_u8s8 import build_problem
+    return build_problem(M, N, K)
+
+
 OPS = {op.name: op for op in [
     Op("gemm_f32", dict(M=1024, N=1024, K=1024), build_gemm_f32, "fp32 GEMM, packed weights vs torch.matmul"),
     Op("gemm_bf16", dict(M=1024, N=1024, K=1024), build_gemm_bf16,
        "bf16 GEMM (AMX tiles where present, else AVX512-BF16) vs torch bf16 matmul (oneDNN)"),
+    Op("gemm_u8s8", dict(M=256, N=1024, K=1024), build_gemm_u8s8,
+       "u8 x s8 quantized linear with requantization to u8 (AMX/VNNI) vs torch dynamic-quantized Linear"),
     Op("gemv_bf16", dict(M=1, N=49152, K=576), build_gemv_bf16, "decode GEMV, bf16 weights streamed from DRAM vs torch bf16 linear",
        variants=(dict(M=1, N=8960, K=1536),)),
     Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),

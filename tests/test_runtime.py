@@ -53,3 +53,13 @@ def test_check_reports_first_mismatch():
     want[1, 2] = 1.0
     r = compare("k.y", got, want, "f32")
     assert not r.ok and "first at (1, 2): got 0, want 1" in r.message
+
+
+def test_prepared_call_reuses_buffers():
+    x, w, y = torch.randn(2, 32), torch.randn(24, 32).bfloat16(), torch.empty(2, 24)
+    call = gemv_bf16.prepare(x, w, y)
+    call()
+    torch.testing.assert_close(y, x @ w.float().t(), rtol=1e-5, atol=1e-5)
+    x.mul_(-2)                                                  # new contents, same buffer
+    call()
+    torch.testing.assert_close(y, x @ w.float().t(), rtol=1e-5, atol=1e-5)
