@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -58,11 +59,11 @@ def cmd_check(args):
 
 
 def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
-    """Check, (tune), and time ours vs torch interleaved; one row per problem."""
+    """Check, (tune), and time ours, torch and the relevant machine limit, interleaved in one run
+    (medians): on a shared machine a limit measured at another moment is no yardstick."""
     import pacekern as pk
     from pacekern.bench import interleaved
-    from pacekern.limits import limits
-    lim = limits()
+    from pacekern.limits import fma_probe, stream_probe
     rows = []
     for op, sizes in problems:
         prob = op.build(**sizes)
@@ -70,29 +71,35 @@ def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
         if tune:
             for kernel, kargs in prob.tune:
                 pk.tune(kernel, *kargs, budget_s=budget, cold=prob.unit == "GB/s", verbose=False)
-        t = interleaved({"ours": prob.ours, "torch": prob.torch}, rounds=rounds)
+        fns = {"ours": prob.ours, "torch": prob.torch}
+        if prob.limit:
+            probe, probe_work = stream_probe(int(prob.work)) if prob.limit == "dram" else fma_probe()
+            fns["limit"] = probe
+        t = interleaved(fns, rounds=rounds)
         ours, base = t["ours"].median_s, t["torch"].median_s
+        # ratios are taken per round (the same moment on a shared machine), then the median
+        ratio = statistics.median(b / o for b, o in zip(t["torch"].samples, t["ours"].samples))
         rate = prob.work / ours / 1e9
-        peak = lim.fma_gflops if prob.unit == "GFLOP/s" else lim.stream_gbs
-        rows.append(dict(op=op.name, shape=_shape(sizes), ours_ms=ours * 1e3, torch_ms=base * 1e3, ratio=base / ours,
-                         rate=rate, unit=prob.unit, pct=100 * rate / peak))
-    return rows, lim
+        pct = (100 * statistics.median(l / o for l, o in zip(t["limit"].samples, t["ours"].samples)) * prob.work / probe_work
+               if prob.limit else None)
+        rows.append(dict(op=op.name, shape=_shape(sizes), ours_ms=ours * 1e3, torch_ms=base * 1e3, ratio=ratio,
+                         rate=rate, unit=prob.unit, peak=probe_work / t["limit"].median_s / 1e9 if prob.limit else None, pct=pct))
+    return rows
 
 
-def print_table(rows, lim):
-    print(f"limits (measured, {lim.threads} threads): fp32 FMA {lim.fma_gflops:.0f} GFLOP/s, DRAM read {lim.stream_gbs:.1f} GB/s")
-    print(f"{'op':11s} {'shape':24s} {'ours ms':>9s} {'torch ms':>9s} {'x torch':>8s} {'rate':>16s} {'% limit':>8s}")
+def print_table(rows):
+    print(f"{'op':10s} {'shape':24s} {'ours ms':>8s} {'torch ms':>9s} {'x torch':>8s} {'rate':>16s} {'limit now':>10s} {'% limit':>8s}")
     for r in rows:
-        print(f"{r['op']:11s} {r['shape']:24s} {r['ours_ms']:9.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}x "
-              f"{r['rate']:8.1f} {r['unit']:7s} {r['pct']:7.0f}%")
+        lim = f"{r['peak']:10.1f} {r['pct']:7.0f}%" if r["peak"] else f"{'-':>10s} {'-':>8s}"
+        print(f"{r['op']:10s} {r['shape']:24s} {r['ours_ms']:8.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}x "
+              f"{r['rate']:8.1f} {r['unit']:7s} {lim}")
+    print("x torch and % limit: medians of per-round ratios. limit now: this machine's fp32 FMA peak (GFLOP/s) or DRAM\n"
+          "read rate (GB/s), timed interleaved with the op in the same run")
 
 
 def cmd_bench(args):
-    from pacekern.limits import limits
-    if args.remeasure:
-        limits(remeasure=True)
-    rows, lim = bench_rows(list(_problems(args)), tune=not args.no_tune, budget=args.budget, rounds=args.rounds)
-    print_table(rows, lim)
+    rows = bench_rows(list(_problems(args)), tune=not args.no_tune, budget=args.budget, rounds=args.rounds)
+    print_table(rows)
 
 
 def cmd_demo(args):
@@ -105,8 +112,8 @@ def cmd_demo(args):
     from pacekern_ops.registry import OPS
     problems = [(OPS["gemm_f32"], dict(M=512, N=512, K=512)), (OPS["gemv_bf16"], dict(M=1, N=8960, K=1536)),
                 (OPS["gemv_s8"], dict(M=1, N=8960, K=1536))]
-    rows, lim = bench_rows(problems, tune=True, budget=args.budget, rounds=5)
-    print_table(rows, lim)
+    rows = bench_rows(problems, tune=True, budget=args.budget, rounds=5)
+    print_table(rows)
     print(f"done in {time.perf_counter() - t0:.1f}s (tuning results are cached: the next run only times)")
 
 
@@ -165,7 +172,6 @@ def main(argv=None):
         if name == "bench":
             p.add_argument("--no-tune", action="store_true", help="time the cached/default configs only")
             p.add_argument("--rounds", type=int, default=7)
-            p.add_argument("--remeasure", action="store_true", help="measure the machine's limits again")
         p.set_defaults(fn=fn)
     s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
     s.add_argument("op")

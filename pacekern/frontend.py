@@ -277,7 +277,8 @@ class _Translator:
                 self.error(e, f"pk.{op} takes {lo if lo == hi else f'{lo} to {hi}'} positional arguments")
             args = []
             for i, a in enumerate(e.args):
-                if op in ("store", "store_bf16", "amx_load", "amx_store", "amx_config") and i == (1 if op.startswith("amx_") and op != "amx_config" else 0):
+                if op in ("store", "store_bf16", "prefetch", "amx_load", "amx_store", "amx_config") and \
+                        i == (1 if op in ("amx_load", "amx_store") else 0):
                     args.append(self.address(a))
                 elif op == "bitcast" and i == 1:
                     args.append(ir.Const(self._vtype(a)))

@@ -257,3 +257,7 @@ def cast_i32_u8(a):
     out = np.zeros(64, np.uint8)
     out[:16] = np.clip(a.astype(np.int64), 0, 255)
     return out
+
+
+def prefetch(arr, idx):
+    """A cache hint: nothing to emulate (and, like the instruction, never an error)."""

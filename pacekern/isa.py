@@ -577,6 +577,24 @@ def lower(op: str, level: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# software prefetch: a hint, never faults (even past the end of the array), valid on every level
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """prefetcht0 of the cache line holding arr[idx]."""
+    if not isinstance(arr, types.Array):
+        return None
+    def cg(ctx, b, sig, args):
+        p = _elem_ptr(ctx, b, sig.args[0], args[0], ctx.cast(b, args[1], sig.args[1], types.int64), I8)
+        _call(b, "llvm.prefetch.p0", ir.VoidType(), [p, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return ctx.get_dummy_value()
+    return types.void(arr, idx), cg
+
+
+LOWER["prefetch"] = {"generic": "prefetch"}
+
+
+# ---------------------------------------------------------------------------------------------
 # narrowing to u8 (requantization epilogues)
 
 @intrinsic

@@ -165,6 +165,7 @@ OPS = {
     "bitcast": (2, 2), "to_bf16": (1, 1), "to_u8": (1, 1),
     "amx_config": (1, 1), "amx_zero": (1, 1), "amx_load": (3, 3), "amx_store": (3, 3),
     "amx_dot_bf16": (3, 3), "amx_dot_u8s8": (3, 3), "amx_release": (0, 0),
+    "prefetch": (1, 1),       # pk.prefetch(x[i, j]): bring x[i, j]'s cache line towards L1 (a hint)
 }
 VEC_METHODS = {"zeros": 0, "bcast": 1, "load": 1, "load_bf16": 1, "load_s8": 1}
 

@@ -94,3 +94,30 @@ def limits(remeasure: bool = False) -> Limits:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(asdict(lim)))
     return lim
+
+
+def stream_probe(nbytes: int):
+    """(callable, bytes per call): reads `nbytes` (rounded) of memory that is out of cache, rotating
+    through a pool of at least 4x the last-level cache; times the DRAM read rate *now*, to put
+    beside a kernel timed in the same interleaved run."""
+    hw = cpu()
+    per = max(hw.threads * 128, -(-nbytes // 4 // (hw.threads * 128)) * hw.threads * 128)   # floats per call
+    chunk = per // hw.threads
+    copies = max(2, -(-4 * hw.l3 // (per * 4)))
+    pool = np.ones(per * copies, np.float32)
+    res = np.zeros(64, np.float32)
+    state = [0]
+
+    def run():
+        i = state[0] = (state[0] + 1) % copies
+        _stream_sum(pool[i * per:(i + 1) * per], res, chunk)
+    return run, per * 4
+
+
+def fma_probe():
+    """(callable, flops per call): the FMA peak kernel, ~2 ms per call (long enough that the
+    parallel region's start-up does not count)."""
+    hw = cpu()
+    iters = 200000
+    x, out = np.ones(16, np.float32), np.zeros(16 * hw.threads, np.float32)
+    return (lambda: _fma_peak(x, out, iters)), hw.threads * iters * 24 * 16 * 2.0

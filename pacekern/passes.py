@@ -303,7 +303,7 @@ _OP_TYPES = {
     "hmin": lambda ts: "float" if ts[0] == "f32x16" else "int",
     "dot4_u8s8": lambda ts: "i32x16", "dot2_bf16": lambda ts: "f32x16", "to_i32": lambda ts: "i32x16",
     "to_f32": lambda ts: "f32x16", "to_bf16": lambda ts: "bf16x32", "to_u8": lambda ts: "u8x64",
-    "bitcast": lambda ts: None,
+    "bitcast": lambda ts: None, "prefetch": lambda ts: None,
 }
 for _k in list(isa.LOWER):
     for _lv, _name in isa.LOWER[_k].items():

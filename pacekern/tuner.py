@@ -207,9 +207,9 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
             secs = [r.compile_s for r in known.values() if r.compile_s > 0] or [3.0]
             left = budget - (time.perf_counter() - t_start)
             fit = int(left * 0.8 * workers / (sum(secs) / len(secs))) if rnd > 1 else len(todo)
-            if fit < 1:
+            if todo and fit < 1:
                 break
-            todo = todo[:fit]
+            todo = todo[:max(fit, 0)]
             recs = _run_round(kernel, todo, pool, args, make, best, known, t_start, budget)
             new_records += recs
             for r in recs:

@@ -2,8 +2,8 @@
 
 Layout: wp[p, k, l] = w[k, 16 p + l] (zero padded to a multiple of 16 columns), so one panel row
 is one zmm load and the layout does not depend on the tile config. Blocking (BLIS-style):
-threads split M in MC-row blocks; K is cut in KC slices so that the B micro-panel (KC x 16 NV
-floats) stays in L1 while the MR x NV register tile sweeps the MC rows under it.
+threads split M in blocks of MT micro-tiles (MT * MR rows); K is cut in KC slices so that the B micro-panel (KC x 16 NV
+floats) stays in L1 while the MR x NV register tile sweeps the MT * MR rows under it.
 """
 import torch
 
@@ -31,17 +31,18 @@ def ref(x, wp, y):
 
 
 SPACE = pk.Space(
-    MR=pk.choice(4, 5, 6, 7, 8, 12), NV=pk.choice(1, 2, 3, 4), KC=pk.choice(128, 256, 512), MC=pk.choice(48, 96, 192),
+    # MT micro-tiles of MR rows per thread block (MC = MT * MR rows: no partial tiles inside a block)
+    MR=pk.choice(4, 5, 6, 7, 8, 12), NV=pk.choice(1, 2, 3, 4), KC=pk.choice(64, 128, 192, 256), MT=pk.choice(4, 6, 8, 12, 16),
     # LLVM hoists the MR broadcasts of a k step above its FMAs: all of them are live at once
     # and the B micro-panel (KC x 16 NV floats) must fit in L1 beside the A rows
     where=lambda c: c.MR * c.NV + c.NV + c.MR <= 32 and c.KC * 64 * c.NV <= 48 * 1024,
-    default=dict(MR=4, NV=4, KC=128, MC=96))
+    default=dict(MR=5, NV=4, KC=128, MT=8))
 
 
 @pk.kernel(space=SPACE, ref=ref, key={"M": "pow2"})
-def gemm_f32(x: pk.f32[M, K], wp: pk.f32[pk.cdiv(N, 16), K, 16], y: pk.Out[pk.f32[M, N]], *, MR, NV, KC, MC):
-    for m0 in pk.prange(0, M, MC):
-        m1 = min(m0 + MC, M)                                  # this thread's rows: [m0, m1)
+def gemm_f32(x: pk.f32[M, K], wp: pk.f32[pk.cdiv(N, 16), K, 16], y: pk.Out[pk.f32[M, N]], *, MR, NV, KC, MT):
+    for m0 in pk.prange(0, M, MT * MR):
+        m1 = min(m0 + MT * MR, M)                                  # this thread's rows: [m0, m1)
         for k0 in range(0, K, KC):
             k1 = min(k0 + KC, K)
             for j0 in range(0, N, 16 * NV):

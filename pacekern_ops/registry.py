@@ -18,6 +18,7 @@ class Problem:
     unit: str                         # 'GFLOP/s' | 'GB/s'
     tune: tuple = ()                  # (kernel, args) pairs to tune for this problem
     check: Callable[[], object] | None = None   # raises if ours disagrees with torch
+    limit: str | None = None          # machine limit to compare with: 'fma' (fp32 peak), 'dram' (read bandwidth)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def build_gemm_f32(M, N, K):
     x, w = torch.randn(M, K), torch.randn(K, N)
     wp, y = pack(w), torch.empty(M, N)
     return Problem(lambda: gemm_f32(x, wp, y), lambda: torch.matmul(x, w), 2.0 * M * N * K, "GFLOP/s",
-                   tune=((gemm_f32, (x, wp, y)),),
+                   tune=((gemm_f32, (x, wp, y)),), limit="fma",
                    check=lambda: torch.testing.assert_close(gemm_f32(x, wp, y), x @ w, rtol=1e-4, atol=1e-3))
 
 
@@ -63,20 +64,22 @@ def build_gemv_bf16(M, N, K):
     xb = x.bfloat16()
     w0 = nxt()
     return Problem(lambda: gemv_bf16(x, nxt(), y), lambda: torch.nn.functional.linear(xb, nxt()), float(nbytes), "GB/s",
-                   tune=((gemv_bf16, (x, w0, y)),),
+                   tune=((gemv_bf16, (x, w0, y)),), limit="dram",
                    check=lambda: torch.testing.assert_close(gemv_bf16(x, w0, y), x @ w0.float().t(), rtol=1e-4, atol=1e-3))
 
 
 def build_gemv_s8(M, N, K):
     from .gemv import gemv_s8, quantize_rows
     nbytes = N * K
-    nxt = _rotate(lambda: quantize_rows(torch.randn(N, K)), _cold_copies(nbytes))
+    nxt = _rotate(lambda: (*quantize_rows(torch.randn(N, K)),), _cold_copies(nbytes))
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb = x.bfloat16()
     q0, s0 = nxt()
-    # torch's fastest weight-only int8 CPU path: int8 weights, per-channel scales, bf16 activations
-    base = lambda: torch.ops.aten._weight_int8pack_mm(xb, *nxt())
-    return Problem(lambda: gemv_s8(x, *nxt(), y), base, float(nbytes), "GB/s", tune=((gemv_s8, (x, q0, s0, y)),),
+    # torch's weight-only int8 CPU path: int8 weights, per-channel scales, bf16 activations
+    def base():
+        q, s = nxt()
+        return torch.ops.aten._weight_int8pack_mm(xb, q, s.bfloat16())
+    return Problem(lambda: gemv_s8(x, *nxt(), y), base, float(nbytes), "GB/s", tune=((gemv_s8, (x, q0, s0, y)),), limit="dram",
                    check=lambda: torch.testing.assert_close(gemv_s8(x, q0, s0, y), (x @ q0.float().t()) * s0, rtol=1e-4, atol=1e-3))
 
 

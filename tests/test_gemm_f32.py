@@ -7,8 +7,8 @@ from conftest import INTERPRET, needs_compiled_avx512
 from pacekern_ops.gemm_f32 import gemm_f32, pack, unpack
 
 SHAPES = [(1, 16, 1), (7, 37, 19), (33, 100, 300), (64, 48, 257)] if not INTERPRET else [(1, 16, 1), (5, 19, 7)]
-CONFIGS = [pk.Config.of(MR=4, NV=4, KC=128, MC=48), pk.Config.of(MR=7, NV=3, KC=256, MC=96),
-           pk.Config.of(MR=12, NV=1, KC=128, MC=48)]
+CONFIGS = [pk.Config.of(MR=4, NV=4, KC=128, MT=12), pk.Config.of(MR=7, NV=3, KC=256, MT=8),
+           pk.Config.of(MR=12, NV=1, KC=128, MT=12)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)

@@ -7,7 +7,7 @@ from conftest import INTERPRET, needs_compiled_avx512
 from pacekern_ops.gemv import gemv_bf16, gemv_s8, quantize_rows
 
 SHAPES = [(1, 1, 16), (1, 37, 50), (3, 100, 576), (8, 45, 1536)] if not INTERPRET else [(1, 1, 16), (2, 9, 40)]
-CONFIGS = [pk.Config.of(R=4, NB=64), pk.Config.of(R=6, NB=16), pk.Config.of(R=8, NB=128)]
+CONFIGS = [pk.Config.of(R=4, NB=64, PF=0), pk.Config.of(R=6, NB=16, PF=256), pk.Config.of(R=8, NB=128, PF=1024)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
@@ -37,5 +37,5 @@ def test_inner_loop_streams_in_zmm_without_spills(kernel):
     reason = needs_compiled_avx512()
     if reason:
         pytest.skip(reason)
-    r = kernel.asm(pk.Config.of(R=4, NB=64))
+    r = kernel.asm(pk.Config.of(R=4, NB=64, PF=256))
     assert r.inner_spills == 0 and r.zmm_registers >= 5 and r.counts.get("vfmadd", 0) >= 4, r.summary()

@@ -10,8 +10,8 @@ from pacekern_ops.gemm_f32 import gemm_f32
 from pacekern_ops.gemv import gemv_s8
 
 GOLDEN = Path(__file__).parent / "golden"
-CASES = [(gemm_f32, pk.Config.of(MR=4, NV=2, KC=128, MC=48)), (gemm_f32, pk.Config.of(MR=5, NV=4, KC=256, MC=96)),
-         (gemv_s8, pk.Config.of(R=2, NB=16))]
+CASES = [(gemm_f32, pk.Config.of(MR=4, NV=2, KC=128, MT=12)), (gemm_f32, pk.Config.of(MR=5, NV=4, KC=256, MT=8)),
+         (gemv_s8, pk.Config.of(R=2, NB=16, PF=256))]
 
 
 def _normalize(text):

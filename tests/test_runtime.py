@@ -7,7 +7,7 @@ import pacekern as pk
 from pacekern_ops.gemm_f32 import gemm_f32, pack
 from pacekern_ops.gemv import gemv_bf16
 
-CFG = pk.Config.of(MR=4, NV=4, KC=128, MC=48)
+CFG = pk.Config.of(MR=4, NV=4, KC=128, MT=12)
 
 
 def test_outputs_are_written_in_place_and_returned():

@@ -44,7 +44,7 @@ def test_forced_avx2_process_runs_kernels_without_zmm(tmp_path):
     code = textwrap.dedent("""
         import json, torch, pacekern as pk
         from pacekern_ops.gemm_f32 import gemm_f32, pack
-        cfg = pk.Config.of(MR=4, NV=4, KC=128, MC=48)
+        cfg = pk.Config.of(MR=4, NV=4, KC=128, MT=12)
         x, w, y = torch.randn(33, 70), torch.randn(70, 50), torch.empty(33, 50)
         ok = pk.check(gemm_f32, x, pack(w), y, config=cfg).ok
         r = gemm_f32.asm(cfg)
