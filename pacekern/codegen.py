@@ -83,7 +83,7 @@ class _Emitter:
             s = f"{self.expr(e.a, p)} {e.op} {self.expr(e.b, p + 1)}"
             return f"({s})" if p < prec else s
         if isinstance(e, ir.UnaryOp):
-            return f"(not {self.expr(e.a, 7)})" if e.op == "not" else f"-{self.expr(e.a, 7)}"
+            return f"(not {self.expr(e.a, ir.UNARY)})" if e.op == "not" else f"-{self.expr(e.a, ir.UNARY)}"
         if isinstance(e, ir.Index):
             return f"_k.ld({e.buf}, {self.linear(e.buf, e.idx)})"
         if isinstance(e, ir.Op):

@@ -201,8 +201,10 @@ def exprs_of(s):
 # ---------------------------------------------------------------------------------------------
 # printer
 
-_PREC = {"or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4, "+": 5, "-": 5,
-         "*": 6, "/": 6, "//": 6, "%": 6}
+# Python's binding order, loosest first; unary minus binds tighter than all of them (UNARY)
+_PREC = {"or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4, "|": 5, "&": 6,
+         "<<": 7, ">>": 7, "+": 8, "-": 8, "*": 9, "/": 9, "//": 9, "%": 9}
+UNARY = 10
 
 
 def show_expr(e, prec: int = 0) -> str:
@@ -215,7 +217,7 @@ def show_expr(e, prec: int = 0) -> str:
         s = f"{show_expr(e.a, p)} {e.op} {show_expr(e.b, p + 1)}"
         return f"({s})" if p < prec else s
     if isinstance(e, UnaryOp):
-        return f"{e.op}{' ' if e.op == 'not' else ''}{show_expr(e.a, 7)}"
+        return f"{e.op}{' ' if e.op == 'not' else ''}{show_expr(e.a, UNARY)}"
     if isinstance(e, Index):
         return f"{e.buf}[{', '.join(show_expr(i) for i in e.idx)}]"
     if isinstance(e, Addr):

@@ -61,9 +61,13 @@ def _elem_ptr(ctx, b, arrty, arr, idx, llty):
 
 
 def _lane_mask(b, n, lanes):
-    """<lanes x i1> with lane i set iff i < n (n is an i64 count of valid lanes)."""
-    idx = ir.Constant(ir.VectorType(I64, lanes), list(range(lanes)))
-    nv = _splat(b, n, ir.VectorType(I64, lanes))
+    """<lanes x i1> with lane i set iff i < n (n is an i64 count of valid lanes). n is clamped to
+    [0, lanes] so the compare can use the narrowest element type (one vpcmpb for 64 lanes)."""
+    n = b.select(b.icmp_signed("<", n, ir.Constant(I64, 0)), ir.Constant(I64, 0), n)
+    n = b.select(b.icmp_signed(">", n, ir.Constant(I64, lanes)), ir.Constant(I64, lanes), n)
+    et = {64: I8, 32: I16}.get(lanes, I32)
+    idx = ir.Constant(ir.VectorType(et, lanes), list(range(lanes)))
+    nv = _splat(b, b.trunc(n, et), ir.VectorType(et, lanes))
     return b.icmp_signed("<", idx, nv)
 
 

@@ -141,7 +141,8 @@ class Kernel:
         if len(args) != len(params):
             names = ", ".join(p.name for p in params)
             raise PkArgError(f"{self.name}() takes {len(params)} arguments ({names}), got {len(args)}")
-        flat, dims, outs, arrays = [], {}, [], []
+        flat, dims, src, outs, checks = [], {}, {}, [], []
+        # per param, per dimension: a dim name to bind, an int, or a DimExpr to check afterwards
         for p, a in zip(params, args):
             if not p.shape:
                 if not isinstance(a, (int, float, np.integer, np.floating)) or isinstance(a, bool):
@@ -149,23 +150,29 @@ class Kernel:
                 flat.append(np.float32(a) if p.dtype in ("f32", "bf16") else np.int64(a))
                 continue
             arr = _as_numpy(p.name, self.name, p, a)
-            arrays.append((p, arr))
-            for d, n in zip(p.shape, arr.shape):
-                if isinstance(d, Dim) and not isinstance(d, DimExpr):
-                    if d.name in dims and dims[d.name][0] != n:
-                        raise PkArgError(f"{self.name}: argument '{p.name}' has shape {tuple(arr.shape)} but {d.name}={dims[d.name][0]} "
-                                         f"from argument '{dims[d.name][1]}' (expected {_shape_str(p.shape)})")
-                    dims.setdefault(d.name, (n, p.name))
+            shape = arr.shape
+            for i, d in enumerate(p.shape):
+                if type(d) is Dim:
+                    got = dims.get(d.name)
+                    if got is None:
+                        dims[d.name], src[d.name] = shape[i], p.name
+                    elif got != shape[i]:
+                        raise PkArgError(f"{self.name}: argument '{p.name}' has shape {tuple(shape)} but {d.name}={got} "
+                                         f"from argument '{src[d.name]}' (expected {_shape_str(p.shape)})")
+                elif type(d) is int:
+                    if d != shape[i]:
+                        checks.append((p, shape, i, d))
+                else:
+                    checks.append((p, shape, i, d))
             flat.append(arr.reshape(-1))
             if p.out:
                 outs.append(a)
-        env_ = {k: v[0] for k, v in dims.items()}
-        for p, arr in arrays:
-            for i, (d, n) in enumerate(zip(p.shape, arr.shape)):
-                want = d if isinstance(d, int) else (d.eval(env_) if isinstance(d, DimExpr) else env_[d.name])
-                if want != n:
-                    raise PkArgError(f"{self.name}: argument '{p.name}' has shape {tuple(arr.shape)}; dimension {i} should be "
-                                     f"{d}={want} (expected {_shape_str(p.shape)} with {_dims_str(env_)})")
+        env_ = dims
+        for p, shape, i, d in checks:
+            want = d if isinstance(d, int) else d.eval(env_)
+            if want != shape[i]:
+                raise PkArgError(f"{self.name}: argument '{p.name}' has shape {tuple(shape)}; dimension {i} should be "
+                                 f"{d}={want} (expected {_shape_str(p.shape)} with {_dims_str(env_)})")
         return Bound(flat, env_, outs, tuple(args))
 
     def bucket(self, dims: dict) -> tuple:

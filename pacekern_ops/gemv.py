@@ -18,10 +18,6 @@ def ref_bf16(x, w, y):
     return x @ w.float().t()
 
 
-def ref_s8(x, w, scale, y):
-    return (x @ w.float().t()) * scale
-
-
 def _prune(c, dims, cpu):
     # enough row blocks for every thread to get several, so no thread idles at the end
     return dims["N"] // c.NB >= 4 * cpu.threads or c.NB == 16
@@ -54,32 +50,79 @@ def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, 
                         y[m, r0 + r] = pk.hsum(acc[r])
 
 
+@pk.kernel
+def quantize_x16(x: pk.f32[M, K], xh: pk.Out[pk.u8[M, K]], xl: pk.Out[pk.u8[M, K]], xs: pk.Out[pk.f32[M]]):
+    """Each row of x as 16-bit fixed point u = round(x / s) + 32768 (s = max|x| / 32767), split in
+    its high and low bytes: two u8 operands for vpdpbusd. |x - s (u - 32768)| <= s / 2.
+    The byte split runs in f32, exact for integers below 2**24: hi = round((u - 127.5) / 256)."""
+    for m in range(M):
+        mv = pk.f32x16.zeros()
+        for k in range(0, K, 16):
+            v = pk.f32x16.load(x[m, k], n=K - k)                 # masked lanes read as 0
+            mv = pk.max(mv, pk.max(v, -v))
+        s = max(pk.hmax(mv), 1e-30) / 32767.0                   # an all-zero row gets a tiny scale
+        inv = 1.0 / s
+        for k in range(0, K, 16):
+            u = pk.to_f32(pk.to_i32(pk.f32x16.load(x[m, k], n=K - k) * inv)) + 32768.0
+            h = pk.to_f32(pk.to_i32((u - 127.5) * (1.0 / 256.0)))
+            pk.store(xh[m, k], pk.to_u8(pk.to_i32(h)), n=min(K - k, 16))
+            pk.store(xl[m, k], pk.to_u8(pk.to_i32(u - h * 256.0)), n=min(K - k, 16))
+        xs[m] = s
+
+
+def ref_s8(xh, xl, xs, w, scale, wsum, y):
+    """The exact result for the 16-bit activations the kernel is given (float64)."""
+    u = torch.as_tensor(xh).double() * 256 + torch.as_tensor(xl).double() - 32768
+    return (u * torch.as_tensor(xs).double()[:, None]) @ (w.double() * scale.double()[:, None]).t()
+
+
 @pk.kernel(space=SPACE, ref=ref_s8, key={"M": "exact"})
-def gemv_s8(x: pk.f32[M, K], w: pk.s8[N, K], scale: pk.f32[N], y: pk.Out[pk.f32[M, N]], *, R, NB, PF):
+def gemv_s8(xh: pk.u8[M, K], xl: pk.u8[M, K], xs: pk.f32[M], w: pk.s8[N, K], scale: pk.f32[N], wsum: pk.i32[N],
+            y: pk.Out[pk.f32[M, N]], *, R, NB, PF):
+    """y = (x @ w^T) * scale with x as 16-bit fixed point (quantize_x16): per row and 64 weights,
+    two vpdpbusd (high and low bytes of x against the same int8 weights), exact i32 sums;
+    x.w = 256 hi.w + lo.w - 32768 sum(w)."""
     for n0 in pk.prange(0, N, NB):
         for r0 in range(n0, min(n0 + NB, N), R):
             for m in range(M):
-                acc = pk.tile(pk.f32x16, R)
+                hi = pk.tile(pk.i32x16, R)
+                lo = pk.tile(pk.i32x16, R)
                 for k0 in range(0, K - 63, 64):                     # one 64-byte line of each row per step
+                    ah = pk.u8x64.load(xh[m, k0])
+                    al = pk.u8x64.load(xl[m, k0])
                     for r in pk.unroll(R):
                         if PF > 0:
                             pk.prefetch(w[min(r0 + r, N - 1), k0 + PF])
-                    for v in pk.unroll(4):
-                        xv = pk.f32x16.load(x[m, k0 + 16 * v])
-                        for r in pk.unroll(R):
-                            acc[r] = pk.fma(pk.f32x16.load_s8(w[min(r0 + r, N - 1), k0 + 16 * v]), xv, acc[r])
-                for k in range(K - K % 64, K, 16):                  # the last part line, masked
-                    xv = pk.f32x16.load(x[m, k], n=K - k)
+                        wv = pk.s8x64.load(w[min(r0 + r, N - 1), k0])
+                        hi[r] = pk.dot4_u8s8(hi[r], ah, wv)
+                        lo[r] = pk.dot4_u8s8(lo[r], al, wv)
+                if K % 64 != 0:                                      # the last part line, masked (zeros add nothing)
+                    k0 = K - K % 64
+                    ah = pk.u8x64.load(xh[m, k0], n=K - k0)
+                    al = pk.u8x64.load(xl[m, k0], n=K - k0)
                     for r in pk.unroll(R):
-                        acc[r] = pk.fma(pk.f32x16.load_s8(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])
+                        wv = pk.s8x64.load(w[min(r0 + r, N - 1), k0], n=K - k0)
+                        hi[r] = pk.dot4_u8s8(hi[r], ah, wv)
+                        lo[r] = pk.dot4_u8s8(lo[r], al, wv)
                 for r in pk.unroll(R):
                     if r0 + r < N:
-                        y[m, r0 + r] = pk.hsum(acc[r]) * scale[r0 + r]
+                        acc = pk.hsum(hi[r]) * 256 + pk.hsum(lo[r]) - 32768 * wsum[r0 + r]     # exact integers
+                        y[m, r0 + r] = acc * xs[m] * scale[r0 + r]
+
+
+def gemv_s8_linear(x, w, scale, wsum, y, scratch=None):
+    """y[M, N] = x[M, K] @ (w * scale[:, None])^T for int8 weights (quantize_rows): quantizes x to
+    16-bit fixed point, then gemv_s8. `scratch` = (xh, xl, xs) buffers to reuse across calls."""
+    m, k = x.shape
+    xh, xl, xs = scratch or (torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m))
+    quantize_x16(x, xh, xl, xs)
+    return gemv_s8(xh, xl, xs, w, scale, wsum, y)
 
 
 def quantize_rows(w: torch.Tensor):
-    """fp weights [N, K] -> (int8 [N, K], f32 scale [N]): symmetric per output channel."""
+    """fp weights [N, K] -> (int8 [N, K], f32 scale [N], i32 row sums [N]): symmetric per output
+    channel; the row sums undo the +32768 offset of gemv_s8's unsigned activations."""
     amax = w.float().abs().amax(dim=1).clamp(min=1e-12)
     scale = amax / 127.0
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+    return q.contiguous(), scale.contiguous(), q.sum(dim=1, dtype=torch.int32).contiguous()

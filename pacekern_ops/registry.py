@@ -69,18 +69,28 @@ def build_gemv_bf16(M, N, K):
 
 
 def build_gemv_s8(M, N, K):
-    from .gemv import gemv_s8, quantize_rows
+    from .gemv import gemv_s8, gemv_s8_linear, quantize_rows
     nbytes = N * K
-    nxt = _rotate(lambda: (*quantize_rows(torch.randn(N, K)),), _cold_copies(nbytes))
+    nxt = _rotate(lambda: quantize_rows(torch.randn(N, K)), _cold_copies(nbytes))
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb = x.bfloat16()
-    q0, s0 = nxt()
-    # torch's weight-only int8 CPU path: int8 weights, per-channel scales, bf16 activations
-    def base():
-        q, s = nxt()
+    q0, s0, ws0 = nxt()
+    scratch = (torch.empty(M, K, dtype=torch.uint8), torch.empty(M, K, dtype=torch.uint8), torch.empty(M))
+
+    def ours():                       # quantize x to 16 bits + the VNNI GEMV, as the LLM calls it
+        q, s, ws = nxt()
+        return gemv_s8_linear(x, q, s, ws, y, scratch)
+
+    def base():                       # torch's weight-only int8 CPU path: bf16 activations
+        q, s, _ = nxt()
         return torch.ops.aten._weight_int8pack_mm(xb, q, s.bfloat16())
-    return Problem(lambda: gemv_s8(x, *nxt(), y), base, float(nbytes), "GB/s", tune=((gemv_s8, (x, q0, s0, y)),), limit="dram",
-                   check=lambda: torch.testing.assert_close(gemv_s8(x, q0, s0, y), (x @ q0.float().t()) * s0, rtol=1e-4, atol=1e-3))
+    gemv_s8_linear(x, q0, s0, ws0, y, scratch)
+    def check():                      # 16-bit activations: error ~1e-4 of the output's scale
+        want = x @ (q0.float() * s0[:, None]).t()
+        torch.testing.assert_close(gemv_s8_linear(x, q0, s0, ws0, y, scratch), want, rtol=1e-3,
+                                   atol=2e-4 * want.abs().max().item())
+    return Problem(ours, base, float(nbytes), "GB/s", tune=((gemv_s8, (*scratch, q0, s0, ws0, y)),), limit="dram",
+                   check=check)
 
 
 def build_gemm_bf16(M, N, K):
