@@ -1,4 +1,4 @@
-"""`pacekern` command line: demo, bench, tune, check, show, cache, env."""
+"""`pacekern` command line: demo, bench, tune, check, show, cache, models, env."""
 from __future__ import annotations
 
 import argparse
@@ -148,6 +148,13 @@ def cmd_cache(args):
         print(f"  {r['kernel']:16s} {r['bucket']:28s} {r['n']:3d} configs  best {best}")
 
 
+def cmd_models(args):
+    from llm.models import models_dir, status
+    print(f"model cache: {models_dir()}")
+    for name, mb, state, about in status():
+        print(f"  {name:30s} {mb:5d} MB  {state:10s}  {about}")
+
+
 def cmd_env(args):
     from pacekern.env import markdown_table
     print(markdown_table())
@@ -182,6 +189,8 @@ def main(argv=None):
     c = sub.add_parser("cache", help="list or clear the tuning cache and generated code")
     c.add_argument("action", choices=["ls", "clear"])
     c.set_defaults(fn=cmd_cache)
+    mo = sub.add_parser("models", help="the offline model catalogue and what is cached")
+    mo.set_defaults(fn=cmd_models)
     e = sub.add_parser("env", help="the environment variables pacekern reads")
     e.set_defaults(fn=cmd_env)
     args = ap.parse_args(argv)
