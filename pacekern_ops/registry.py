@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from pacekern.bench import rotating
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -30,17 +32,6 @@ class Op:
     variants: tuple = field(default=())   # extra size dicts benchmarked by default
 
 
-def _rotate(make, copies):
-    """Cycle through `copies` independent inputs so weights come from DRAM (decode-like)."""
-    sets = [make() for _ in range(copies)]
-    state = [0]
-
-    def nxt():
-        state[0] = (state[0] + 1) % copies
-        return sets[state[0]]
-    return nxt
-
-
 def _cold_copies(nbytes):
     from pacekern.bench import cold_copies
     from pacekern.target import cpu
@@ -59,7 +50,7 @@ def build_gemm_f32(M, N, K):
 def build_gemv_bf16(M, N, K):
     from .gemv import gemv_bf16
     nbytes = N * K * 2
-    nxt = _rotate(lambda: torch.randn(N, K).bfloat16(), _cold_copies(nbytes))
+    nxt = rotating(lambda: torch.randn(N, K).bfloat16(), _cold_copies(nbytes))
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb = x.bfloat16()
     w0 = nxt()
@@ -71,7 +62,7 @@ def build_gemv_bf16(M, N, K):
 def build_gemv_s8(M, N, K):
     from .gemv import gemv_s8, gemv_s8_linear, quantize_rows
     nbytes = N * K
-    nxt = _rotate(lambda: quantize_rows(torch.randn(N, K)), _cold_copies(nbytes))
+    nxt = rotating(lambda: quantize_rows(torch.randn(N, K)), _cold_copies(nbytes))
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb = x.bfloat16()
     q0, s0, ws0 = nxt()
