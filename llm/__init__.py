@@ -1,0 +1,7 @@
+"""pacekern.llm: offline LLM inference on pacekern kernels (see llm/generate.py for the API)."""
+from .generate import GenerationOutput, LLMModel, Metrics
+from .kv_cache import KVCacheConfig
+from .ops import OpConfig
+from .sampling import SamplingConfig
+
+__all__ = ["LLMModel", "SamplingConfig", "OpConfig", "KVCacheConfig", "GenerationOutput", "Metrics"]

@@ -1,4 +1,4 @@
-"""`pacekern` command line: demo, bench, tune, check, show, cache, models, env."""
+"""`pacekern` command line: demo, generate, bench, tune, check, show, cache, models, env."""
 from __future__ import annotations
 
 import argparse
@@ -102,8 +102,47 @@ def cmd_bench(args):
     print_table(rows)
 
 
+def cmd_generate(args):
+    """Stream a completion (or a chat reply with --chat) from a model and print its speed."""
+    t0 = time.perf_counter()
+    from pacekern.llm import LLMModel, SamplingConfig
+    from llm.models import ModelError
+    try:
+        model = LLMModel(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads)
+    except ModelError as e:
+        sys.exit(f"pacekern generate: {e}")
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0 or None,
+                         temperature=args.temperature or None, seed=args.seed)
+    print(f"[{model.path.parent.name if model.path.name == 'hf' else model.path.name}: {model.fmt} weights, "
+          f"loaded in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    try:
+        out = model.generate(prompt, cfg, streamer="stdout")
+    except ValueError as e:
+        sys.exit(f"\npacekern generate: {e}")
+    m = out.metrics
+    print(f"\n[{m.new_tokens} tokens, {out.finish_reason}; prefill {m.prompt_tokens} tokens in {m.ttft_s * 1e3:.0f} ms, "
+          f"decode {m.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+
+
+def _generate_args(p, prompt_default=None):
+    p.add_argument("prompt", nargs="?" if prompt_default else None, default=prompt_default)
+    p.add_argument("--model", default=None, help="catalogue name (pacekern models), HF directory, .gguf file or hub id")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--weights", default="native", choices=["native", "int8"])
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+
 def cmd_demo(args):
-    """Check, tune and benchmark the proof kernels against PyTorch (a first look at the machine)."""
+    """Generate text with the default model on pacekern kernels; --kernels: the kernel table instead."""
+    if not args.kernels:
+        return cmd_generate(args)
     import pacekern as pk
     hw = pk.target()
     print(f"pacekern {pk.__version__}: ISA level {hw.level} (host {hw.host_level}), {hw.threads} threads, "
@@ -163,9 +202,15 @@ def cmd_env(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="pacekern", description="Python CPU kernels: check, tune, benchmark.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="check, tune and benchmark the proof kernels against PyTorch")
-    d.add_argument("--budget", type=float, default=20.0, help="tuning budget per kernel, seconds")
+    d = sub.add_parser("demo", help="generate text with the default model (--kernels: benchmark the proof kernels)")
+    _generate_args(d, prompt_default="Write a haiku about fast computers.")
+    d.set_defaults(chat=True)
+    d.add_argument("--kernels", action="store_true", help="check, tune and benchmark the proof kernels instead")
+    d.add_argument("--budget", type=float, default=20.0, help="with --kernels: tuning budget per kernel, seconds")
     d.set_defaults(fn=cmd_demo)
+    g = sub.add_parser("generate", help="stream a completion from an LLM on pacekern kernels")
+    _generate_args(g)
+    g.set_defaults(fn=cmd_generate)
     for name, fn, hlp in [("bench", cmd_bench, "time ops beside PyTorch: ratio, rate, % of this machine's limits"),
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:

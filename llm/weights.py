@@ -1,0 +1,165 @@
+"""Model description and weights: a Hugging Face directory -> ModelSpec + Weights, laid out for the
+kernels (fused QKV and gate/up projections, each linear layer in one storage format).
+
+Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
+  f32   fp32 [N, K]                      (dtype="float32")
+  bf16  bf16 [N, K]                      (dtype="bfloat16", the default)
+  int8  int8 [N, K] + f32 scale per output channel, symmetric (weights="int8"; weight-only:
+        activations stay fp32 and are quantized to 16-bit fixed point inside the GEMV)
+Layouts for the prefill GEMMs (packed panels) are built lazily, the first time a prompt is long
+enough to use them, so a decode-only process never holds them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str                 # "llama" | "qwen2"
+    n_layers: int
+    hidden: int               # H
+    n_heads: int              # NH query heads
+    n_kv_heads: int           # KVH key/value heads (grouped-query attention)
+    head_dim: int             # D
+    ffn: int                  # F, the MLP's inner size
+    vocab: int                # V
+    rope_theta: float
+    rms_eps: float
+    max_pos: int              # context length the model was trained for
+    qkv_bias: bool            # Qwen2 has biases on q/k/v
+    tie_embeddings: bool      # lm_head shares the embedding matrix
+    bos_id: int | None
+    eos_ids: tuple            # generation stops at any of these
+
+    @classmethod
+    def from_dir(cls, d: Path) -> "ModelSpec":
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+        if archs[0] not in ARCHS:
+            raise ValueError(f"{d}: architecture {archs[0]} is not supported (supported: {', '.join(ARCHS)})")
+        gen = {}
+        if (Path(d) / "generation_config.json").exists():
+            gen = json.loads((Path(d) / "generation_config.json").read_text())
+        eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        rope = cfg.get("rope_parameters") or {}
+        heads = cfg["num_attention_heads"]
+        return cls(arch=ARCHS[archs[0]], n_layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], n_heads=heads,
+                   n_kv_heads=cfg.get("num_key_value_heads", heads),
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, ffn=cfg["intermediate_size"],
+                   vocab=cfg["vocab_size"], rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                   rms_eps=float(cfg["rms_norm_eps"]), max_pos=cfg.get("max_position_embeddings", 4096),
+                   qkv_bias=ARCHS[archs[0]] == "qwen2" or bool(cfg.get("attention_bias", False)),
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_id=cfg.get("bos_token_id"),
+                   eos_ids=eos)
+
+    @property
+    def qkv_heads(self) -> int:
+        return self.n_heads + 2 * self.n_kv_heads
+
+    def weight_bytes(self, fmt: str) -> int:
+        """Bytes of weights read per decoded token (every linear layer once; embeddings are a lookup)."""
+        per = {"f32": 4, "bf16": 2, "int8": 1}[fmt]
+        h, d = self.hidden, self.head_dim
+        layer = h * self.qkv_heads * d + self.n_heads * d * h + 3 * h * self.ffn
+        return per * (self.n_layers * layer + self.vocab * h)
+
+
+@dataclass
+class Linear:
+    """y = x @ W^T (+ bias), W [N, K] in one format; `packed` caches the prefill GEMM layout."""
+    fmt: str                                  # "f32" | "bf16" | "int8"
+    w: torch.Tensor                           # [N, K]: f32, bf16, or int8
+    scale: torch.Tensor | None = None         # int8: f32 [N] per output channel
+    wsum: torch.Tensor | None = None          # int8: i32 [N] row sums (gemv_s8's unsigned-offset correction)
+    bias: torch.Tensor | None = None          # f32 [N]
+    packed: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.w.shape[1]
+
+    @classmethod
+    def make(cls, w: torch.Tensor, fmt: str, bias=None) -> "Linear":
+        from pacekern_ops.gemv import quantize_rows
+        b = None if bias is None else bias.float().contiguous()
+        if fmt == "f32":
+            return cls("f32", w.float().contiguous(), bias=b)
+        if fmt == "bf16":
+            return cls("bf16", w.to(torch.bfloat16).contiguous(), bias=b)
+        if fmt == "int8":
+            q, scale, wsum = quantize_rows(w)
+            return cls("int8", q, scale, wsum, bias=b)
+        raise ValueError(f"unknown weight format '{fmt}' (f32, bf16, int8)")
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as fp32 [N, K], exactly what the kernels multiply by."""
+        if self.fmt == "int8":
+            return self.w.float() * self.scale[:, None]
+        return self.w.float()
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor         # f32 [H] input RMSNorm weight
+    qkv: Linear               # [(NH + 2 KVH) D, H]
+    o: Linear                 # [H, NH D]
+    ln2: torch.Tensor         # f32 [H] post-attention RMSNorm weight
+    gate_up: Linear           # [2 F, H]: gate rows then up rows
+    down: Linear              # [H, F]
+
+
+@dataclass
+class Weights:
+    spec: ModelSpec
+    fmt: str
+    embed: torch.Tensor       # f32 [V, H]
+    layers: list
+    norm: torch.Tensor        # f32 [H]
+    lm_head: Linear           # [V, H]
+
+
+def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
+    """Read the safetensors of an HF directory and lay the weights out for the kernels."""
+    from safetensors import safe_open
+    files = sorted(Path(d).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{d}: no *.safetensors files (convert the model first)")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                tensors[name] = st.get_tensor(name)
+
+    def get(name):
+        if name not in tensors:
+            raise ValueError(f"{d}: tensor '{name}' is missing from the safetensors files")
+        return tensors.pop(name)
+
+    def norm_w(name):
+        return get(name).float().contiguous()
+
+    layers = []
+    for i in range(spec.n_layers):
+        p = f"model.layers.{i}."
+        qkv_w = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        qkv_b = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None
+        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        layers.append(Layer(ln1=norm_w(p + "input_layernorm.weight"), qkv=Linear.make(qkv_w, fmt, qkv_b),
+                            o=Linear.make(get(p + "self_attn.o_proj.weight"), fmt),
+                            ln2=norm_w(p + "post_attention_layernorm.weight"), gate_up=Linear.make(gate_up, fmt),
+                            down=Linear.make(get(p + "mlp.down_proj.weight"), fmt)))
+    embed = get("model.embed_tokens.weight").float().contiguous()
+    head = embed if spec.tie_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
+    return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), Linear.make(head, fmt))
