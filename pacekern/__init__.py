@@ -1,7 +1,7 @@
 """pacekern: CPU kernels in Python, lowered through Numba/LLVM to AVX512 (VNNI, BF16, AMX),
 checked against PyTorch, autotuned and cached.  `import pacekern as pk`."""
 from .lang import (Config, Dim, Out, Space, bf16, bf16x32, cdiv, choice, dims, f32, f32x16, func, i16, i32,
-                   i32x16, i64, kernel, pow2, prange, s8, s8x64, tile, u8, u8x64, unroll)
+                   i32x16, i64, kernel, pow2, prange, s8, s8x64, scratch, tile, u8, u8x64, unroll)
 from .lang import OPS as _OPS, _not_python
 from .frontend import PkSyntaxError
 from .runtime import CompiledKernel, Kernel, KernelSpec, PkArgError

@@ -22,6 +22,7 @@ from . import env, ir
 from .lang import Dim
 from .passes import SCALAR_BUILTINS
 
+_NP_DTYPE = {"f32": "float32", "bf16": "int16", "i32": "int32", "i64": "int64", "i16": "int16", "u8": "uint8", "s8": "int8"}
 FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz', 'afn'}"
 _PREC = ir._PREC
 
@@ -42,6 +43,7 @@ class _Emitter:
     def __init__(self, k: ir.KernelIR):
         self.k = k
         self.params = {p.name: p for p in k.params}
+        self.scratch: dict = {}       # pk.scratch name -> number of dimensions (strides are locals)
         self.lines: list = []
 
     def strides(self, p) -> list:
@@ -59,11 +61,14 @@ class _Emitter:
         return out
 
     def linear(self, buf, idx) -> str:
-        p = self.params[buf]
-        if len(idx) != len(p.shape):
-            raise ValueError(f"line {idx[0].line if idx else '?'}: '{buf}' has {len(p.shape)} dimensions, indexed with {len(idx)}")
+        if buf in self.scratch:
+            ndim, strides = self.scratch[buf], [f"_{buf}_s{i}" for i in range(self.scratch[buf] - 1)]
+        else:
+            ndim, strides = len(self.params[buf].shape), self.strides(self.params[buf])
+        if len(idx) != ndim:
+            raise ValueError(f"line {idx[0].line if idx else '?'}: '{buf}' has {ndim} dimensions, indexed with {len(idx)}")
         terms = []
-        for e, s in zip(idx, self.strides(p) + [None]):
+        for e, s in zip(idx, strides + [None]):
             if isinstance(e, ir.Const) and e.value == 0:
                 continue
             x = self.expr(e, _PREC["*"] if s else _PREC["+"])
@@ -105,6 +110,14 @@ class _Emitter:
                 self.lines.append(f"{pad}_k.st({s.buf}, {self.linear(s.buf, s.idx)}, {self.expr(s.value)})")
             elif isinstance(s, ir.Eval):
                 self.lines.append(pad + self.expr(s.expr))
+            elif isinstance(s, ir.Scratch):
+                n = len(s.shape)
+                self.scratch[s.name] = n
+                for i in reversed(range(n - 1)):
+                    rest = self.expr(s.shape[i + 1], _PREC["*"])
+                    self.lines.append(f"{pad}_{s.name}_s{i} = {rest}" + (f" * _{s.name}_s{i + 1}" if i < n - 2 else ""))
+                size = self.expr(s.shape[0], _PREC["*"]) + (f" * _{s.name}_s0" if n > 1 else "")
+                self.lines.append(f"{pad}{s.name} = np.empty({size}, np.{_NP_DTYPE[s.dtype]})")
             elif isinstance(s, ir.For):
                 start, stop, step = (self.expr(x) for x in (s.start, s.stop, s.step))
                 if s.kind == "prange":

@@ -40,6 +40,7 @@ class _Translator:
         self.src, self.first, self.file = _source(fn)
         self.params, self.dims, self.consts = params, dims, consts   # params: source name -> kernel param
         self.tiles: dict = {}                # source name -> IR tile name (helpers see the caller's tiles)
+        self.scratch: set = set()            # source names of pk.scratch arrays (kept in params)
         self.prefix = prefix                 # renaming of locals when inlining a helper
         self.locals: set = set()
         self.pre: list = []                  # statements hoisted out of the current expression (inlined helpers)
@@ -129,6 +130,17 @@ class _Translator:
             name = self.local(target.id)
             self.tiles[target.id] = name
             return [ir.Tile(name, vt, tuple(self.expr(a) for a in value.args[1:]), line=ln)]
+        if isinstance(value, ast.Call) and self._pk_attr(value.func) == "scratch":
+            if not isinstance(target, ast.Name) or target.id in self.locals or target.id in self.dims or \
+                    target.id in self.consts or (target.id in self.params and target.id not in self.scratch):
+                self.error(node, "pk.scratch(...) must be assigned to a new plain name")
+            dt = self._pk_attr(value.args[0]) if value.args else None
+            if dt not in lang.DTYPES or len(value.args) < 2 or value.keywords:
+                self.error(node, "pk.scratch(dtype, *shape) needs an element type (pk.f32, pk.i32, ...) and at least one size")
+            name = self.local(target.id)
+            self.params[target.id] = name
+            self.scratch.add(target.id)
+            return [ir.Scratch(name, dt, tuple(self.expr(a) for a in value.args[1:]), line=ln)]
         val = self.expr(value)
         if isinstance(target, ast.Name):
             if target.id in self.params or target.id in self.dims or target.id in self.consts:

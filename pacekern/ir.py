@@ -129,7 +129,15 @@ class Tile:
     line: int = field(default=0, compare=False)
 
 
-Stmt = Union[Assign, Store, Eval, For, While, If, Tile]
+@dataclass(frozen=True)
+class Scratch:
+    name: str                                 # buf = pk.scratch(pk.f32, QB, KB): a local array
+    dtype: str
+    shape: tuple                              # Exprs (runtime sizes allowed)
+    line: int = field(default=0, compare=False)
+
+
+Stmt = Union[Assign, Store, Eval, For, While, If, Tile, Scratch]
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,8 @@ def show_stmts(stmts, indent: int = 0) -> list:
             out.append(f"{pad}{show_expr(s.expr)}")
         elif isinstance(s, Tile):
             out.append(f"{pad}tile {s.name}: {s.vtype}[{', '.join(show_expr(d) for d in s.shape)}]")
+        elif isinstance(s, Scratch):
+            out.append(f"{pad}scratch {s.name}: {s.dtype}[{', '.join(show_expr(d) for d in s.shape)}]")
         elif isinstance(s, For):
             out.append(f"{pad}for {s.var} in {s.kind}({show_expr(s.start)}, {show_expr(s.stop)}, {show_expr(s.step)}):")
             out += show_stmts(s.body, indent + 1) or [pad + "  pass"]

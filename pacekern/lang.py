@@ -175,6 +175,13 @@ def tile(vtype, *shape):
     raise RuntimeError("pk.tile only has a meaning inside a @pk.kernel body")
 
 
+def scratch(dtype, *shape):
+    """`buf = pk.scratch(pk.f32, QB, KB)`: a local C-contiguous array (uninitialized), indexed,
+    loaded and stored like an array parameter. Sizes may be runtime expressions; it is allocated
+    each time the statement runs, so declare it inside the pk.prange body for per-thread buffers."""
+    raise RuntimeError("pk.scratch only has a meaning inside a @pk.kernel body")
+
+
 def prange(*args):
     """The one parallel loop of a kernel (threads split its iterations)."""
     return range(*args)

@@ -172,10 +172,11 @@ def _param_types(k):
 
 def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
     types = _param_types(k)
-    params = {p.name: p for p in k.params}
+    dtypes = {p.name: p.dtype for p in k.params}          # arrays: parameters and pk.scratch buffers
+    dtypes.update({s.name: s.dtype for s in ir.walk(k.body) if isinstance(s, ir.Scratch)})
 
     def arr_dtype(node, buf):
-        return params[buf].dtype
+        return dtypes[buf]
 
     def ty(e):
         if isinstance(e, ir.Const):
@@ -185,7 +186,7 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
                 _err(k, e, f"'{e.id}' is used before it is assigned")
             return types[e.id]
         if isinstance(e, ir.Index):
-            return "float" if params[e.buf].dtype == "f32" else "int"
+            return "float" if dtypes[e.buf] == "f32" else "int"
         if isinstance(e, ir.BinOp):
             a, b = ty(e.a), ty(e.b)
             if e.op in ("<", "<=", ">", ">=", "==", "!=", "and", "or"):
@@ -282,6 +283,8 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
                 types[s.target] = t if t is not None else types.get(s.target)
             if isinstance(s, ir.For):
                 types[s.var] = "int"
+            if isinstance(s, ir.Scratch):
+                types[s.name] = f"arr:{s.dtype}"
             for sub in ("body", "then", "orelse"):
                 if hasattr(s, sub):
                     s = replace(s, **{sub: go(getattr(s, sub))})

@@ -124,3 +124,39 @@ def test_dim_only_inside_an_expression_is_rejected():
         def f(x2: pk.i32[M, pk.cdiv(K, 2)], y: pk.Out[pk.f32[M]]):
             for i in range(M):
                 y[i] = 0.0
+
+
+@pk.func
+def _reverse_into(buf, x, r, n):
+    """A helper that receives the caller's scratch array by name."""
+    for i in range(n):
+        buf[1, n - 1 - i] = x[r, i]
+
+
+@pk.kernel
+def _scratch_flip(x: pk.f32[N, N], y: pk.Out[pk.f32[N, N]]):
+    for r in pk.prange(N):
+        buf = pk.scratch(pk.f32, 2, N)            # per iteration, so per thread
+        _reverse_into(buf, x, r, N)
+        for i in range(0, N, 16):
+            pk.store(y[r, i], pk.f32x16.load(buf[1, i], n=N - i) * 2.0, n=N - i)
+
+
+def test_scratch_arrays_are_local_to_each_parallel_iteration():
+    x = torch.randn(200, 200)
+    y = torch.empty(200, 200)
+    _scratch_flip(x, y)
+    torch.testing.assert_close(y, 2 * x.flip(1))
+    assert "scratch buf: f32[2, N]" in _scratch_flip.show_ir(lowered=False)
+    assert "buf = np.empty(2 * _buf_s0, np.float32)" in _scratch_flip.source()
+
+
+def test_scratch_needs_a_dtype_and_a_fresh_name():
+    with pytest.raises(pk.PkSyntaxError, match="needs an element type"):
+        @pk.kernel
+        def bad(x: pk.f32[N]):
+            buf = pk.scratch(16)
+    with pytest.raises(pk.PkSyntaxError, match="must be assigned to a new plain name"):
+        @pk.kernel
+        def bad2(x: pk.f32[N]):
+            x = pk.scratch(pk.f32, N)
