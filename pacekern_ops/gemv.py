@@ -1,5 +1,5 @@
 """Decode GEMV/skinny GEMM: y[M, N] = x[M, K] @ W[N, K]^T for a few rows M (1 at batch-1 decode,
-K+1 in speculative verification), W in torch's Linear layout [out, in] as bf16 or int8.
+K+1 in speculative verification), W in torch's Linear layout [out, in] as bf16, int8 or fp32.
 
 At decode the weights are read once per token from DRAM, so the kernel is built to stream: each
 thread walks R weight rows side by side (R independent sequential streams), one 64-byte cache
@@ -126,3 +126,33 @@ def quantize_rows(w: torch.Tensor):
     scale = amax / 127.0
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous(), q.sum(dim=1, dtype=torch.int32).contiguous()
+
+
+def ref_f32(x, w, y):
+    return x @ w.t()
+
+
+@pk.kernel(space=SPACE, ref=ref_f32, key={"M": "exact"})
+def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF):
+    """gemv_bf16 for fp32 weights (fp32 decode): each step reads two 64-byte lines of each of
+    the R rows (32 floats), prefetching both PF elements ahead."""
+    for n0 in pk.prange(0, N, NB):
+        for r0 in range(n0, min(n0 + NB, N), R):
+            for m in range(M):
+                acc = pk.tile(pk.f32x16, R)
+                for k0 in range(0, K - 31, 32):
+                    for r in pk.unroll(R):
+                        if PF > 0:
+                            pk.prefetch(w[min(r0 + r, N - 1), k0 + PF])
+                            pk.prefetch(w[min(r0 + r, N - 1), k0 + PF + 16])
+                    for v in pk.unroll(2):
+                        xv = pk.f32x16.load(x[m, k0 + 16 * v])
+                        for r in pk.unroll(R):
+                            acc[r] = pk.fma(pk.f32x16.load(w[min(r0 + r, N - 1), k0 + 16 * v]), xv, acc[r])
+                for k in range(K - K % 32, K, 16):                  # the last part lines, masked
+                    xv = pk.f32x16.load(x[m, k], n=K - k)
+                    for r in pk.unroll(R):
+                        acc[r] = pk.fma(pk.f32x16.load(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])
+                for r in pk.unroll(R):
+                    if r0 + r < N:
+                        y[m, r0 + r] = pk.hsum(acc[r])

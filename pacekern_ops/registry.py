@@ -94,6 +94,94 @@ def build_gemm_u8s8(M, N, K):
     return build_problem(M, N, K)
 
 
+def build_gemv_f32(M, N, K):
+    from .gemv import gemv_f32
+    nbytes = N * K * 4
+    nxt = rotating(lambda: torch.randn(N, K), _cold_copies(nbytes))
+    x, y = torch.randn(M, K), torch.empty(M, N)
+    w0 = nxt()
+    return Problem(lambda: gemv_f32(x, nxt(), y), lambda: torch.nn.functional.linear(x, nxt()), float(nbytes), "GB/s",
+                   tune=((gemv_f32, (x, w0, y)),), limit="dram",
+                   check=lambda: torch.testing.assert_close(gemv_f32(x, w0, y), x @ w0.t(), rtol=1e-4, atol=1e-3))
+
+
+# LLM ops at decode shapes. Ours is the prepared call (bound once, as the LLM runs it): these ops
+# take 1-20 us at decode, less than binding the arguments of an ordinary call (~25 us).
+
+def build_add_rmsnorm(R, H):
+    from .norm import add_rmsnorm, ref_add_rmsnorm
+    x, res, w, eps, out = torch.randn(R, H), torch.randn(R, H), torch.randn(H), torch.tensor([1e-5]), torch.empty(R, H)
+
+    def base():
+        res.add_(x)
+        torch.mul(res, torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + 1e-5), out=out)
+        return out.mul_(w)
+
+    def check():
+        want = ref_add_rmsnorm(x, res, w, eps, out)[1]
+        torch.testing.assert_close(add_rmsnorm(x, res, w, eps, out)[1], want, rtol=1e-5, atol=1e-5)
+    return Problem(add_rmsnorm.prepare(x, res, w, eps, out), base, 4.0 * R * H * 4, "GB/s",
+                   tune=((add_rmsnorm, (x, res, w, eps, out)),), check=check)
+
+
+def _kv_problem(B, T, NH, KVH, D, start):
+    q = torch.randn(B, T, NH, D)
+    kc, vc = torch.randn(B, KVH, start + T, D), torch.randn(B, KVH, start + T, D)
+    return q, kc, vc, torch.full((B,), start, dtype=torch.int32)
+
+
+def build_rope_qkv(B, T, NH, KVH, D, start):
+    from .rope import ref, rope_qkv, rope_tables
+    _, kc, vc, st = _kv_problem(B, T, NH, KVH, D, start)
+    qkv, q = torch.randn(B, T, NH + 2 * KVH, D), torch.empty(B, T, NH, D)
+    cos, sin = rope_tables(start + T, D, 1e4)
+    args = (qkv, st, cos, sin, q, kc, vc)
+    pos = torch.arange(start, start + T)
+    c, s = torch.cat((cos[pos], cos[pos]), -1)[None, :, None], torch.cat((sin[pos], sin[pos]), -1)[None, :, None]
+
+    def base():                       # HF rotate_half on q and k, cache writes by slicing
+        x = qkv[:, :, : NH + KVH]
+        r = x * c + torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1) * s
+        q.copy_(r[:, :, :NH])
+        kc[:, :, start: start + T] = r[:, :, NH:].transpose(1, 2)
+        vc[:, :, start: start + T] = qkv[:, :, NH + KVH:].transpose(1, 2)
+    return Problem(rope_qkv.prepare(*args), base, 4.0 * B * T * (2 * NH + 4 * KVH) * D, "GB/s",
+                   tune=((rope_qkv, args),), check=lambda: pk_check(rope_qkv, args))
+
+
+def build_attention(B, T, NH, KVH, D, start):
+    from .attention import attention
+    q, kc, vc, st = _kv_problem(B, T, NH, KVH, D, start)
+    out, qt = torch.empty_like(q), q.transpose(1, 2)
+    mask = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+    args = (q, kc, vc, st, out)
+    return Problem(attention.prepare(*args),
+                   lambda: torch.nn.functional.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask, enable_gqa=True),
+                   4.0 * B * NH * D * (T * start + T * (T + 1) // 2), "GFLOP/s", tune=((attention, args),),
+                   check=lambda: pk_check(attention, args, rtol=1e-5, atol=2e-6))
+
+
+def build_silu_mul(R, F):
+    from .activation import silu_mul
+    gu, out = torch.randn(R, 2 * F), torch.empty(R, F)
+    return Problem(silu_mul.prepare(gu, out), lambda: torch.mul(torch.nn.functional.silu(gu[:, :F]), gu[:, F:], out=out),
+                   3.0 * R * F * 4, "GB/s", tune=((silu_mul, (gu, out)),), check=lambda: pk_check(silu_mul, (gu, out)))
+
+
+def build_argmax(R, V):
+    from .activation import argmax
+    x, out = torch.randn(R, V), torch.empty(R, dtype=torch.int64)
+    return Problem(argmax.prepare(x, out), lambda: torch.argmax(x, -1, out=out), 4.0 * R * V, "GB/s",
+                   tune=((argmax, (x, out)),), check=lambda: pk_check(argmax, (x, out)))
+
+
+def pk_check(kernel, args, **tol):
+    import pacekern as pk
+    pk.check(kernel, *args, **tol)
+
+
+SMOL = dict(NH=9, KVH=3, D=64)        # SmolLM2-135M attention shape
+
 OPS = {op.name: op for op in [
     Op("gemm_f32", dict(M=1024, N=1024, K=1024), build_gemm_f32, "fp32 GEMM, packed weights vs torch.matmul"),
     Op("gemm_bf16", dict(M=1024, N=1024, K=1024), build_gemm_bf16,
@@ -103,4 +191,11 @@ OPS = {op.name: op for op in [
     Op("gemv_bf16", dict(M=1, N=49152, K=576), build_gemv_bf16, "decode GEMV, bf16 weights streamed from DRAM vs torch bf16 linear",
        variants=(dict(M=1, N=8960, K=1536),)),
     Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),
+    Op("gemv_f32", dict(M=1, N=1536, K=576), build_gemv_f32, "decode GEMV, fp32 weights streamed from DRAM vs torch linear"),
+    Op("add_rmsnorm", dict(R=1, H=576), build_add_rmsnorm, "residual add + RMSNorm at decode vs torch (HF order of ops)"),
+    Op("rope_qkv", dict(B=1, T=1, **SMOL, start=128), build_rope_qkv, "RoPE on q/k + KV cache write at decode vs torch"),
+    Op("attention", dict(B=1, T=1, **SMOL, start=128), build_attention, "causal GQA attention over the KV cache vs torch SDPA",
+       variants=(dict(B=8, T=1, **SMOL, start=512), dict(B=1, T=512, **SMOL, start=0))),
+    Op("silu_mul", dict(R=1, F=1536), build_silu_mul, "SiLU(gate) * up at decode vs torch"),
+    Op("argmax", dict(R=1, V=49152), build_argmax, "greedy next token over the vocabulary vs torch.argmax"),
 ]}

@@ -1,0 +1,185 @@
+"""Causal grouped-query attention over a KV cache, for prefill, decode and speculative verification.
+
+    out[b, t, h] = softmax_s(q[b, t, h] . kc[b, g, s] / sqrt(D)) @ vc[b, g, s],  s = 0 .. start[b] + t
+
+with g = h // (NH // KVH). The caller has already written this step's keys and values into the
+cache (rope_qkv), so prefill (start 0, T up to the prompt), decode (T = 1, a different start per
+row) and verification (T = K + 1 at start > 0) are one code path.
+
+Work items are (b, kv head, block of QB query tokens); an item's query rows are its tokens x the
+G = NH / KVH query heads that share the kv head, so each K/V row is read once per group (at
+decode an item is one (b, kv head): G rows). Keys stream in blocks of KB, flash-attention style,
+with per-thread buffers (pk.scratch) for the scaled queries, the block's scores and the output
+accumulators:
+  1. scores: MR rows x NK keys register tiles, FMAs along D, one horizontal sum per score (the
+     cache layout [S, D] puts D, not keys, in the lanes)
+  2. online softmax per row, vectorized over the block: running max m and sum l in fp32; when m
+     grows the accumulator is rescaled by exp(m_old - m_new)
+  3. accumulator += P @ V_block: MR rows x 16 NV columns register tiles, V rows shared by the rows
+Causality: row (t, g) sees start[b] + t + 1 keys; scores past that are -inf before exp (so 0
+after it) and the tiles never read cache rows past the last row's position (they may be
+uninitialized memory). The result is acc / l. Differences from torch's fp32 SDPA are summation
+order and pacekern's exp (~2e-7 relative).
+
+Threads: items run in parallel when the work (query-key pairs x D) reaches PAR; causal items
+differ in cost, so item i of a (b, kv head) takes query block 0, n-1, 1, n-2, ... (a thread's
+contiguous share then holds cheap and expensive blocks alike). Decode shapes stay on one thread.
+"""
+import torch
+
+import pacekern as pk
+
+B, T, NH, KVH, S, D = pk.dims("B T NH KVH S D")
+
+
+def ref(q, kc, vc, start, out):
+    nb, nt, nh, _ = q.shape
+    g = nh // kc.shape[1]
+    res = torch.empty_like(q)
+    for b in range(nb):
+        n = int(start[b]) + nt
+        k, v = kc[b, :, :n].repeat_interleave(g, 0), vc[b, :, :n].repeat_interleave(g, 0)
+        mask = torch.arange(n)[None, :] <= (int(start[b]) + torch.arange(nt))[:, None]
+        res[b] = torch.nn.functional.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+    return res
+
+
+SPACE = pk.Space(QB=pk.choice(8, 16, 32), KB=pk.choice(64, 128, 256), MR=pk.choice(2, 3, 4, 6), NK=pk.choice(2, 4),
+                 NV=pk.choice(2, 4), PAR=pk.choice(1 << 20, 1 << 22, 1 << 62),
+                 where=lambda c: c.MR * c.NK + c.NK + 1 <= 28 and c.MR * c.NV + c.NV + 1 <= 28,
+                 default=dict(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 20))
+
+
+@pk.func
+def _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, n):
+    """a[i, k] += qs[r0 + i, d:d+n] * kc[b, kvh, s0 + j0 + k, d:d+n] (lanes past n are 0)"""
+    kv = pk.tile(pk.f32x16, NK)
+    for k in pk.unroll(NK):
+        kv[k] = pk.f32x16.load(kc[b, kvh, s0 + min(j0 + k, nhi - 1), d], n=n)
+    for i in pk.unroll(MR):
+        qv = pk.f32x16.load(qs[min(r0 + i, rows - 1), d], n=n)
+        for k in pk.unroll(NK):
+            a[i, k] = pk.fma(qv, kv[k], a[i, k])
+
+
+@pk.func
+def _scores(qs, kc, sc, b, kvh, s0, rows, p0, G):
+    """sc[r, j] = qs[r] . kc[s0 + j] for every key j the tile of rows holding r may see"""
+    for r0 in range(0, rows, MR):
+        nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)       # keys the tile's last row sees
+        for j0 in range(0, nhi, NK):
+            a = pk.tile(pk.f32x16, MR, NK)
+            for d in range(0, D - 15, 16):
+                _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, 16)
+            if D % 16 != 0:
+                _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, D - D % 16, D % 16)
+            for i in pk.unroll(MR):
+                if r0 + i < rows:
+                    for k in pk.unroll(NK):
+                        if j0 + k < nhi:
+                            sc[r0 + i, j0 + k] = pk.hsum(a[i, k])
+
+
+@pk.func
+def _softmax(sc, acc, ml, r, nr, nkb):
+    """Row r sees nr keys of this block (maybe none), the item's last row nkb >= nr: scores ->
+    exp(score - m) in place, zeros up to nkb; m, l and the accumulator updated."""
+    n16 = 0
+    if nr > 0:
+        n16 = (nr + 15) // 16 * 16
+        for j in range(nr, n16):
+            sc[r, j] = -float("inf")
+        mv = pk.f32x16.bcast(-float("inf"))
+        for j in range(0, n16, 16):
+            mv = pk.max(mv, pk.f32x16.load(sc[r, j]))
+        m_old = ml[0, r]
+        m_new = max(m_old, pk.hmax(mv))
+        sv = pk.f32x16.zeros()
+        for j in range(0, n16, 16):
+            e = pk.exp(pk.f32x16.load(sc[r, j]) - m_new)
+            pk.store(sc[r, j], e)
+            sv = sv + e
+        if m_new > m_old:                    # rescale what was accumulated against the old max (first block: 0 * 0)
+            alpha = pk.exp(pk.f32x16.bcast(m_old - m_new))
+            for d in range(0, D, 16):
+                pk.store(acc[r, d], pk.f32x16.load(acc[r, d], n=D - d) * alpha, n=D - d)
+            ml[1, r] = ml[1, r] * pk.hmax(alpha)
+        ml[0, r] = m_new
+        ml[1, r] = ml[1, r] + pk.hsum(sv)
+    for j in range(n16, nkb):
+        sc[r, j] = 0.0
+
+
+@pk.func
+def _pv(vc, sc, acc, b, kvh, s0, rows, p0, G):
+    """acc[r] += sum_j sc[r, j] * vc[b, kvh, s0 + j] over the keys the tile of rows may see"""
+    for r0 in range(0, rows, MR):
+        nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
+        for d0 in range(0, D, 16 * NV):
+            o = pk.tile(pk.f32x16, MR, NV)
+            for i in pk.unroll(MR):
+                for v in pk.unroll(NV):
+                    o[i, v] = pk.f32x16.load(acc[min(r0 + i, rows - 1), min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
+            for j in range(nhi):
+                vv = pk.tile(pk.f32x16, NV)
+                for v in pk.unroll(NV):
+                    vv[v] = pk.f32x16.load(vc[b, kvh, s0 + j, min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
+                for i in pk.unroll(MR):
+                    p = pk.f32x16.bcast(sc[min(r0 + i, rows - 1), j])
+                    for v in pk.unroll(NV):
+                        o[i, v] = pk.fma(p, vv[v], o[i, v])
+            for i in pk.unroll(MR):
+                if r0 + i < rows:
+                    for v in pk.unroll(NV):
+                        pk.store(acc[r0 + i, min(d0 + 16 * v, D - 1)], o[i, v], n=D - d0 - 16 * v)
+
+
+@pk.func
+def _attend(q, kc, vc, start, out, it, nqb):
+    """Work item `it`: (b, kv head) = it // nqb, query block zigzagged from it % nqb."""
+    G = NH // KVH
+    j = it % nqb
+    qb = j // 2
+    if j % 2 == 1:
+        qb = nqb - 1 - j // 2
+    b = it // nqb // KVH
+    kvh = it // nqb % KVH
+    t0 = qb * QB
+    rows = min(QB, T - t0) * G               # row r: token t0 + r // G, head kvh * G + r % G
+    p0 = start[b] + t0                       # position of row r: p0 + r // G
+    plast = p0 + (rows - 1) // G
+    qs = pk.scratch(pk.f32, rows, D)         # queries * 1/sqrt(D)
+    acc = pk.scratch(pk.f32, rows, D)        # unnormalized outputs
+    sc = pk.scratch(pk.f32, rows, KB)        # one key block's scores, then probabilities
+    ml = pk.scratch(pk.f32, 2, rows)         # running max and sum per row
+    scale = 1.0 / pk.sqrt(pk.f32x16.bcast(D))
+    for r in range(rows):
+        for d in range(0, D, 16):
+            pk.store(qs[r, d], pk.f32x16.load(q[b, t0 + r // G, kvh * G + r % G, d], n=D - d) * scale, n=D - d)
+            pk.store(acc[r, d], pk.f32x16.zeros(), n=D - d)
+        ml[0, r] = -float("inf")
+        ml[1, r] = 0.0
+    for s0 in range(0, plast + 1, KB):
+        _scores(qs, kc, sc, b, kvh, s0, rows, p0, G)
+        for r in range(rows):
+            _softmax(sc, acc, ml, r, min(KB, p0 + r // G + 1 - s0), min(KB, plast + 1 - s0))
+        _pv(vc, sc, acc, b, kvh, s0, rows, p0, G)
+    for r in range(rows):
+        inv = 1.0 / ml[1, r]
+        for d in range(0, D, 16):
+            pk.store(out[b, t0 + r // G, kvh * G + r % G, d], pk.f32x16.load(acc[r, d], n=D - d) * inv, n=D - d)
+
+
+@pk.kernel(space=SPACE, ref=ref, key={"B": "pow2", "T": "pow2"})
+def attention(q: pk.f32[B, T, NH, D], kc: pk.f32[B, KVH, S, D], vc: pk.f32[B, KVH, S, D], start: pk.i32[B],
+              out: pk.Out[pk.f32[B, T, NH, D]], *, QB, KB, MR, NK, NV, PAR):
+    nqb = (T + QB - 1) // QB
+    work = 0                                 # query-key pairs
+    for b in range(B):
+        work += T * (start[b] + T)
+    if work * NH * D >= PAR:
+        for it in pk.prange(B * KVH * nqb):
+            _attend(q, kc, vc, start, out, it, nqb)
+    else:
+        for it in range(B * KVH * nqb):
+            _attend(q, kc, vc, start, out, it, nqb)

@@ -1,0 +1,251 @@
+"""The LLM inference ops against PyTorch written a second time here: RMSNorm (+ residual), RoPE with
+the KV cache write, causal GQA attention, SiLU * up, argmax and the fp32 GEMV.
+
+Shapes: the real models' (SmolLM2-135M: H=576, NH=9, KVH=3, D=64, F=1536, V=49152;
+Qwen2.5-0.5B: H=896, NH=14, KVH=2, D=64, F=4864, V=151936; Qwen2.5-1.5B: NH=12, KVH=2, D=128),
+odd sizes with masked tails, decode with a different start per row, verification (T=5 at start>0)
+and prefill. Every kernel runs with its default config and one that forces the parallel path
+(PAR=1) with other tile sizes. Tolerances: fp32, relative to the output's largest value.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pacekern as pk
+from conftest import INTERPRET
+from pacekern_ops.activation import argmax, silu_mul
+from pacekern_ops.attention import attention
+from pacekern_ops.gemv import gemv_f32
+from pacekern_ops.norm import add_rmsnorm, rmsnorm
+from pacekern_ops.rope import rope_qkv, rope_tables
+
+SERIAL, PARALLEL = "serial", "parallel"
+
+
+def close(got, want, rtol=1e-5, atol=1e-5):
+    """|got - want| <= rtol |want| + atol max|want| (fp32 sums in another order)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * float(want.abs().max()))
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------
+
+def rmsnorm_torch(h, w, eps):                    # HF LlamaRMSNorm in fp32
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+
+
+NORM_SHAPES = [(1, 576), (8, 576), (5, 896), (3, 50), (2, 16), (1, 1)] + ([] if INTERPRET else [(512, 576)])
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("r,h", NORM_SHAPES)
+def test_add_rmsnorm(r, h, mode):
+    cfg = pk.Config.of(PAR=1 if mode == PARALLEL else 1 << 62)
+    x, res, w, eps = torch.randn(r, h), torch.randn(r, h) * 3, torch.randn(h), torch.tensor([1e-5])
+    out, res0 = torch.empty(r, h), res.clone()
+    add_rmsnorm(x, res, w, eps, out, config=cfg)
+    assert torch.equal(res, res0 + x)                     # one fp32 add per element: exact
+    close(out, rmsnorm_torch(res0 + x, w, 1e-5))
+    rmsnorm(x, w, eps, out, config=cfg)
+    close(out, rmsnorm_torch(x, w, 1e-5))
+
+
+def test_add_rmsnorm_check_sees_the_residual_before_the_update():
+    x, res, w, eps, out = torch.randn(4, 100), torch.randn(4, 100), torch.randn(100), torch.tensor([1e-6]), torch.empty(4, 100)
+    pk.check(add_rmsnorm, x, res, w, eps, out)            # the ref returns (res + x, rmsnorm(res + x))
+    pk.check(add_rmsnorm, x, res, w, eps, out)            # and again from the updated residual
+
+
+# ---- RoPE + KV cache write -----------------------------------------------------------------------
+
+def rope_torch(x, pos, theta):
+    """HF's rotary embedding from scratch: x [..., T, D] at positions pos [T] (float64 tables)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = pos.double()[:, None] * inv[None]
+    c, s = torch.cat((ang.cos(), ang.cos()), -1).float(), torch.cat((ang.sin(), ang.sin()), -1).float()
+    return x * c + torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1) * s
+
+
+ROPE_CASES = [  # B, T, NH, KVH, D, S, starts
+    (1, 1, 9, 3, 64, 256, [128]),                # SmolLM2 decode
+    (4, 1, 14, 2, 64, 300, [0, 7, 150, 299]),    # Qwen2.5-0.5B batched decode, a start per row
+    (2, 5, 9, 3, 64, 200, [3, 120]),             # verification of 4 draft tokens
+    (1, 128, 14, 2, 64, 160, [0]),               # prefill
+    (2, 3, 12, 2, 128, 64, [1, 60]),             # Qwen2.5-1.5B head dim
+    (3, 2, 4, 2, 40, 32, [0, 9, 30]),            # D/2 = 20: masked tails
+    (1, 3, 3, 1, 24, 8, [2]),                    # D/2 = 12 < 16 lanes
+]
+if INTERPRET:
+    ROPE_CASES = [c for c in ROPE_CASES if c[1] * c[2] <= 40]
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("b,t,nh,kvh,d,s,starts", ROPE_CASES)
+def test_rope_qkv(b, t, nh, kvh, d, s, starts, mode):
+    theta = 1e6 if nh == 14 else 1e5
+    cos, sin = rope_tables(s, d, theta)
+    qkv, start = torch.randn(b, t, nh + 2 * kvh, d), torch.tensor(starts, dtype=torch.int32)
+    q, kc, vc = torch.empty(b, t, nh, d), torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
+    kc0, vc0 = kc.clone(), vc.clone()
+    rope_qkv(qkv, start, cos, sin, q, kc, vc, config=pk.Config.of(PAR=1 if mode == PARALLEL else 1 << 62))
+    want_k, want_v = kc0.clone(), vc0.clone()
+    for i in range(b):
+        pos = starts[i] + torch.arange(t)
+        x = qkv[i].transpose(0, 1)                           # [heads, T, D]
+        # float64 angles vs HF's fp32 ones: positions x inv_freq rounds to ~1e-7 relative, i.e.
+        # ~3e-5 rad at position 300; compare against fp64 tables with that slack
+        close(q[i].transpose(0, 1), rope_torch(x[:nh], pos, theta), atol=1e-4)
+        want_k[i][:, pos] = rope_torch(x[nh: nh + kvh], pos, theta)
+        want_v[i][:, pos] = x[nh + kvh:]
+    close(kc, want_k, atol=1e-4)
+    assert torch.equal(vc, want_v)                          # values copied, other rows untouched
+    written = torch.zeros(b, kvh, s, dtype=torch.bool)
+    for i in range(b):
+        written[i, :, starts[i]: starts[i] + t] = True
+    assert torch.equal(kc[~written], kc0[~written])
+    pk.check(rope_qkv, qkv, start, cos, sin, q, kc0, vc0, rtol=1e-6, atol=1e-6)   # against HF's fp32 tables: ~1 ulp
+
+
+def test_rope_tables_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    emb = LlamaRotaryEmbedding(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                           rope_theta=100000.0, max_position_embeddings=2048))
+    cos, sin = emb(torch.zeros(1, 300, 576), torch.arange(300)[None])
+    c, s = rope_tables(300, 64, 100000.0)
+    assert torch.equal(cos[0], torch.cat((c, c), -1)) and torch.equal(sin[0], torch.cat((s, s), -1))
+
+
+def test_rope_skips_positions_past_the_cache():
+    cos, sin = rope_tables(8, 16, 1e4)
+    qkv, start = torch.randn(1, 3, 4, 16), torch.tensor([6], dtype=torch.int32)   # positions 6, 7, 8; S = 8
+    q, kc, vc = torch.zeros(1, 3, 2, 16), torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
+    rope_qkv(qkv, start, cos, sin, q, kc, vc)
+    assert torch.equal(vc[0, 0, 6:], qkv[0, :2, 3]) and q[0, 2].abs().sum() == 0
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+def attention_torch(q, kc, vc, start):
+    """Softmax attention written out (no SDPA): query t of row b sees keys 0 .. start[b] + t."""
+    b_, t_, nh, d = q.shape
+    g = nh // kc.shape[1]
+    out = torch.empty_like(q)
+    for b in range(b_):
+        n = int(start[b]) + t_
+        k, v = kc[b, :, :n].repeat_interleave(g, 0).double(), vc[b, :, :n].repeat_interleave(g, 0).double()
+        s = q[b].transpose(0, 1).double() @ k.transpose(1, 2) / d ** 0.5                     # [NH, T, n]
+        s = s.masked_fill(torch.arange(n)[None, :] > (int(start[b]) + torch.arange(t_))[:, None], float("-inf"))
+        out[b] = (torch.softmax(s, -1) @ v).transpose(0, 1).float()
+    return out
+
+
+ATT_CASES = [  # B, T, NH, KVH, D, S, starts
+    (1, 1, 9, 3, 64, 256, [128]),                # SmolLM2 decode
+    (8, 1, 9, 3, 64, 300, [0, 1, 15, 16, 63, 64, 200, 299]),     # batched decode, block edges
+    (4, 1, 14, 2, 64, 300, [0, 5, 77, 250]),     # Qwen2.5-0.5B (7 query heads per kv head)
+    (2, 5, 9, 3, 64, 300, [10, 130]),            # verification: T = K + 1 at start > 0
+    (1, 5, 14, 2, 64, 64, [59]),                 # verification ending at the cache's last row
+    (1, 128, 9, 3, 64, 128, [0]),                # prefill
+    (3, 1, 12, 2, 128, 600, [511, 0, 300]),      # Qwen2.5-1.5B head dim
+    (2, 3, 6, 2, 40, 100, [3, 60]),              # D = 40: masked tails
+    (1, 37, 4, 4, 24, 64, [20]),                 # D = 24, plain multi-head (G = 1)
+]
+if INTERPRET:
+    ATT_CASES = [c for c in ATT_CASES if c[0] * c[1] * c[2] * (max(c[6]) + c[1]) <= 3000]
+ATT_CONFIGS = {SERIAL: None, PARALLEL: pk.Config.of(QB=8, KB=64, MR=4, NK=2, NV=2, PAR=1)}
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("b,t,nh,kvh,d,s,starts", ATT_CASES)
+def test_attention(b, t, nh, kvh, d, s, starts, mode):
+    q, start = torch.randn(b, t, nh, d), torch.tensor(starts, dtype=torch.int32)
+    kc, vc = torch.randn(b, kvh, s, d) * 2, torch.randn(b, kvh, s, d)
+    for i in range(b):                                    # rows past the last position: never read
+        kc[i, :, starts[i] + t:] = float("nan")
+        vc[i, :, starts[i] + t:] = float("nan")
+    out = torch.empty(b, t, nh, d)
+    attention(q, kc, vc, start, out, config=ATT_CONFIGS[mode])
+    close(out, attention_torch(q, kc, vc, start), rtol=1e-5, atol=2e-6)
+    pk.check(attention, q, kc, vc, start, out, config=ATT_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs torch SDPA
+
+
+def test_attention_large_scores_stay_finite():
+    """Scores of +-1e4 (a peaked softmax): the running max keeps every exp argument <= 0."""
+    q, kc, vc = torch.randn(1, 4, 2, 32) * 100, torch.randn(1, 1, 200, 32) * 100, torch.randn(1, 1, 200, 32)
+    start, out = torch.tensor([190], dtype=torch.int32), torch.empty(1, 4, 2, 32)
+    attention(q, kc, vc, start, out)
+    assert torch.isfinite(out).all()
+    close(out, attention_torch(q, kc, vc, start), rtol=1e-4, atol=1e-5)
+
+
+# ---- SiLU * up, argmax ---------------------------------------------------------------------------
+
+SILU_SHAPES = [(1, 1536), (8, 4864), (5, 1536), (3, 37), (2, 8)] + ([] if INTERPRET else [(128, 1536)])
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("r,f", SILU_SHAPES)
+def test_silu_mul(r, f, mode):
+    gu = torch.randn(r, 2 * f) * 4
+    out = torch.empty(r, f)
+    silu_mul(gu, out, config=pk.Config.of(CH=256, PAR=1) if mode == PARALLEL else None)
+    a, u = gu[:, :f].double(), gu[:, f:].double()
+    close(out, (a * torch.sigmoid(a) * u).float(), rtol=1e-5, atol=1e-6)
+    pk.check(silu_mul, gu, out, rtol=1e-5, atol=1e-6)           # against F.silu(gate) * up
+
+
+def test_silu_mul_extreme_gates_stay_finite():
+    gate = torch.tensor([[-100.0, 100.0, -1e30, 1e30, -88.0, 88.0, -90.0, 90.0, 0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 5.0, -5.0, 1.0]])
+    gu = torch.cat((gate, torch.full_like(gate, 3.0)), 1)
+    out = torch.empty_like(gate)
+    silu_mul(gu, out)
+    assert torch.isfinite(out).all()
+    want = (gate.double() * torch.sigmoid(gate.double()) * 3).float()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-30)
+
+
+ARGMAX_SHAPES = [(1, 49152), (8, 49152), (2, 151936), (3, 1000), (2, 7), (1, 256), (1, 257)]
+if INTERPRET:
+    ARGMAX_SHAPES = [(3, 1000), (2, 7), (1, 257)]
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("r,v", ARGMAX_SHAPES)
+def test_argmax(r, v, mode):
+    x = torch.randn(r, v)
+    x[0, v // 3] = x[0, v // 2] = 10.0                          # a tie: the first one wins
+    out = torch.empty(r, dtype=torch.int64)
+    argmax(x, out, config=pk.Config.of(PAR=1 if mode == PARALLEL else 1 << 62))
+    assert torch.equal(out, torch.argmax(x, -1)) and out[0] == v // 3
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # inf * 0 in the interpreter's NaN probe
+def test_argmax_special_values_match_torch():
+    x = torch.randn(7, 1000)
+    x[0, 500] = x[0, 700] = float("nan")        # NaN is the maximum: the first NaN
+    x[1, 990] = float("nan")                    # a NaN in the scalar tail
+    x[2] = -float("inf")                        # all -inf: index 0
+    x[3, 10] = x[3, 800] = float("inf")
+    x[4, 3] = x[4, 300] = x[4, 999] = 100.0
+    x[5] = 0.0
+    x[5, 5] = -0.0                              # -0 == 0: the first zero
+    x[6] = float("nan")
+    out = torch.empty(7, dtype=torch.int64)
+    argmax(x, out)
+    assert torch.equal(out, torch.argmax(x, -1)), (out, torch.argmax(x, -1))
+
+
+# ---- fp32 GEMV -----------------------------------------------------------------------------------
+
+GEMV_SHAPES = [(1, 1, 16), (1, 37, 50), (3, 100, 576), (8, 45, 1536)] + ([] if INTERPRET else [(1, 960, 576), (5, 300, 4864)])
+GEMV_CONFIGS = [None, pk.Config.of(R=6, NB=16, PF=256), pk.Config.of(R=8, NB=128, PF=1024)]
+
+
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=str)
+@pytest.mark.parametrize("m,n,k", GEMV_SHAPES)
+def test_gemv_f32(m, n, k, cfg):
+    x, w, y = torch.randn(m, k), torch.randn(n, k), torch.empty(m, n)
+    gemv_f32(x, w, y, config=cfg)
+    close(y, (x.double() @ w.double().t()).float(), rtol=1e-4, atol=1e-5)
+    pk.check(gemv_f32, x, w, y, config=cfg)
