@@ -1,0 +1,151 @@
+"""DLRMv2 inference on pacekern kernels: INT8 (int8 or 4-bit embeddings) and fp32.
+
+INT8 forward of a batch of B rows (buffers are allocated once per batch size):
+
+    dense  --quantize_u8--> u8 [B, 13] --qlinear+ReLU (u8)--> 512 --(u8)--> 256 --(f32, ReLU)--> x0[:, :128]
+    bags   --embedding_bag_s8 / _u4--> x0[:, 128:]   (written in place: no cat)
+    x0     --quantize_u8--> u8
+    per DCN layer l:  h = qlinear(x_l,u8, V_l) (u8);  z = qlinear(h, W_l) + b_l (f32);
+                      x_{l+1} = x0 * z + x_l (f32) and its u8 copy (dcn_mix)
+    top    qlinear+ReLU (u8) x 4 -> qlinear (f32) -> sigmoid
+
+qlinear is pacekern_ops.gemm_u8s8.quantized_linear (AMX at ISA level amx for M >= 16, VNNI
+otherwise, with exact generic lowerings below VNNI); bias, ReLU and requantization run in its
+epilogue. The fp32 path (`PacekernDlrmFp32`) runs the same structure on gemm_f32,
+embedding_bag_f32 and dcn_mix.
+"""
+from __future__ import annotations
+
+import torch
+
+from pacekern_ops import embedding_bag as eb
+from pacekern_ops.dcn import dcn_mix
+from pacekern_ops.gemm_f32 import gemm_f32, pack as pack_f32
+from pacekern_ops.gemm_u8s8 import quantized_linear
+
+from .data import Batch, validate
+from .model import DLRMv2
+from .quantize import QuantizedDlrm
+
+
+class PacekernDlrm:
+    """INT8 DLRMv2 on pacekern kernels. `emb_bits`: 8 (int8 row-wise) or 4."""
+
+    def __init__(self, q: QuantizedDlrm, emb_bits: int = 8, check: bool = True):
+        if emb_bits not in q.tables:
+            raise ValueError(f"this quantized model has {sorted(q.tables)}-bit tables, not {emb_bits}-bit")
+        self.q, self.spec, self.tables, self.check = q, q.spec, q.tables[emb_bits], check
+        self.emb_bits = emb_bits
+        for ql in q.linears.values():
+            ql.packed()
+        w = q.spec.width
+        self.inv_dense = q.linears["bottom.0"].inp.inv_scale(q.spec.num_dense)
+        self.inv_x = [a.inv_scale(w) for a in q.x_q]            # x_0 .. x_L: 1 / (scale f) per column
+        self._bufs: dict = {}
+
+    def _buffers(self, b: int) -> dict:
+        bufs = self._bufs.get(b)
+        if bufs is None:
+            s, w = self.spec, self.spec.width
+            u8 = dict(dtype=torch.uint8)
+            bufs = dict(dense=torch.empty(b, s.num_dense, **u8), x0=torch.empty(b, w), xa=torch.empty(b, w),
+                        xb=torch.empty(b, w), xq=torch.empty(b, w, **u8), z=torch.empty(b, w),
+                        h=torch.empty(b, s.dcn_rank, **u8), bot=torch.empty(b, s.dim),
+                        hidden=[torch.empty(b, n, **u8) for n in tuple(s.bottom[:-1]) + tuple(s.top[:-1])],
+                        logit=torch.empty(b, 1))
+            self._bufs = {b: bufs}                    # one batch size at a time: bounded memory
+        return bufs
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        if self.check:
+            validate(batch, self.spec)
+        s, q, lin = self.spec, self.q, self.q.linears
+        b = batch.size
+        bf = self._buffers(b)
+        hid = iter(bf["hidden"])
+        # bottom MLP
+        l0 = lin["bottom.0"]
+        x = eb.quantize_u8(batch.dense, self.inv_dense, l0.inp.zp, bf["dense"])
+        nb = len(s.bottom)
+        for i in range(nb):
+            ql = lin[f"bottom.{i}"]
+            last = i == nb - 1
+            out = bf["bot"] if last else next(hid)
+            x = quantized_linear(x, ql.inp.scale, ql.inp.zp, ql.packed(), ql.bias, scale_y=None if last else ql.out.scale,
+                                 zp_y=0 if last else ql.out.zp, relu=True, out=out)
+        x0 = bf["x0"]
+        x0[:, : s.dim].copy_(x)
+        eb.embedding_bag(self.tables, batch.indices, batch.offsets, x0, s.dim)
+        xq = eb.quantize_u8(x0, self.inv_x[0], q.x_q[0].zp, bf["xq"])
+        # DCN: the residual stream in fp32, requantized once per layer
+        xl, spare = x0, (bf["xa"], bf["xb"])
+        for l in range(s.dcn_layers):
+            v, w = lin[f"cross.V.{l}"], lin[f"cross.W.{l}"]
+            h = quantized_linear(xq, v.inp.scale, v.inp.zp, v.packed(), None, scale_y=v.out.scale, zp_y=v.out.zp,
+                                 out=bf["h"])
+            z = quantized_linear(h, w.inp.scale, w.inp.zp, w.packed(), w.bias, out=bf["z"])
+            xn = spare[l % 2]
+            dcn_mix(z, x0, xl, self.inv_x[l + 1], q.x_q[l + 1].zp, xn, xq)
+            xl = xn
+        # top MLP
+        y = xq
+        nt = len(s.top)
+        for i in range(nt):
+            ql = lin[f"top.{i}"]
+            last = i == nt - 1
+            y = quantized_linear(y, ql.inp.scale, ql.inp.zp, ql.packed(), ql.bias, scale_y=None if last else ql.out.scale,
+                                 zp_y=0 if last else ql.out.zp, relu=not last, out=bf["logit"] if last else next(hid))
+        return y[:, 0].clone()
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Click probabilities [B] (a new tensor)."""
+        return torch.sigmoid(self.logits(batch))
+
+
+class PacekernDlrmFp32:
+    """fp32 DLRMv2 on pacekern kernels (gemm_f32, embedding_bag_f32, dcn_mix): the comparison
+    point for the INT8 path on the same kernels. Bias and ReLU are torch element-wise ops."""
+
+    def __init__(self, model: DLRMv2, check: bool = True):
+        self.spec, self.check = model.spec, check
+        self.tables = eb.pack_f32([e.weight for e in model.embs])
+        self.layers = {k: (pack_f32(m.weight.detach().float().t().contiguous()), None if m.bias is None else
+                           m.bias.detach().float().clone(), m.out_features) for k, m in model.linears().items()}
+        self._bufs: dict = {}
+
+    def _linear(self, name, x, relu, out=None):
+        wp, bias, n = self.layers[name]
+        y = gemm_f32(x.contiguous(), wp, out if out is not None else torch.empty(x.shape[0], n))
+        if bias is not None:
+            y += bias
+        return y.clamp_min_(0) if relu else y
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        if self.check:
+            validate(batch, self.spec)
+        s, b = self.spec, batch.size
+        if b not in self._bufs:
+            self._bufs = {b: dict(x0=torch.empty(b, s.width), xa=torch.empty(b, s.width), xb=torch.empty(b, s.width),
+                                  z=torch.empty(b, s.width), q=torch.empty(b, s.width, dtype=torch.uint8),
+                                  ones=torch.ones(s.width))}
+        bf = self._bufs[b]
+        x = batch.dense
+        for i in range(len(s.bottom)):
+            x = self._linear(f"bottom.{i}", x, True)
+        x0 = bf["x0"]
+        x0[:, : s.dim].copy_(x)
+        eb.embedding_bag(self.tables, batch.indices, batch.offsets, x0, s.dim)
+        xl = x0
+        for l in range(s.dcn_layers):
+            h = self._linear(f"cross.V.{l}", xl, False)
+            z = self._linear(f"cross.W.{l}", h, False, out=bf["z"])
+            xn = (bf["xa"], bf["xb"])[l % 2]
+            dcn_mix(z, x0, xl, bf["ones"], 0, xn, bf["q"])     # the u8 copy is unused here
+            xl = xn
+        y = xl
+        for i in range(len(s.top)):
+            y = self._linear(f"top.{i}", y, i < len(s.top) - 1)
+        return y[:, 0]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        return torch.sigmoid(self.logits(batch))

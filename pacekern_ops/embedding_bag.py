@@ -1,0 +1,282 @@
+"""Sum-pooled embedding bags over fp32, int8 row-wise and 4-bit row-wise tables (DLRM's sparse
+arch), plus the per-tensor u8 quantization of activations that feeds the u8s8 GEMMs.
+
+All tables of a model live in one array (table t's rows start at base[t]). A batch is
+KeyedJaggedTensor-like and table-major: the bag of sample b in table t is
+indices[offsets[t B + b] : offsets[t B + b + 1]] (ids local to the table). The pooled D-vector of
+(b, t) is written to y[b, col0 + t D : col0 + (t + 1) D], so the kernels write straight into
+DLRMv2's [B, 27 D] interaction buffer (slot 0 holds the bottom MLP output): no cat.
+
+Row formats (dequantized value of element j of row r):
+  f32   w[r, j]
+  int8  (q[r, j] + 128) s[r] + b[r] = q[r, j] s[r] + (b[r] + 128 s[r]): q is stored as s8 (the u8
+        code minus 128) so that one widening load (vpmovsxbd + vcvtdq2ps) reads 16 of them;
+        `pack_s8` folds the +128 into the bias, so the kernel does q s + b'.
+  4-bit u[r, j] s[r] + b[r], u in 0..15, two codes a byte. Byte k of 32-element group g holds
+        element 32 g + k (low nibble) and 32 g + 16 + k (high nibble), stored minus 128 as s8:
+        one 16-byte load gives two f32x16 vectors. The DSL has no vector shifts or masks, so the
+        nibbles are split in f32 (exact for integers): v = byte, hi = round((v - 7.5) / 16)
+        (= floor(v / 16): the fraction (lo - 7.5) / 16 is within +-0.47), lo = v - 16 hi.
+        s and b are fp16 values (as in torch's 4-bit format) held as f32.
+
+Per (b, t) bag the kernel walks the ids once per 64-element column chunk (one cache line of an
+int8 row, half a line of a 4-bit row, a quarter of an fp32 row), 4 f32x16 accumulators, with a
+software prefetch of the row PF ids ahead; the per-row biases add up in a scalar. Threads split
+the B x T bags sample-major, so each thread gets whole samples (table 20's 100-id bags spread
+evenly). Ids are not bounds-checked here: callers validate them (dlrm.data.validate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import pacekern as pk
+
+R, D, D2, NNZ, NO, T, B, YW = pk.dims("R D D2 NNZ NO T B YW")
+
+
+# ---------------------------------------------------------------------------------------------
+# references (float64 sums over the dequantized rows)
+
+def _bags(base, indices, offsets, nb: int):
+    """(rows, bag id) of every gathered id; bag id = b T + t (sample-major)."""
+    base, idx, off = (torch.as_tensor(a).long() for a in (base, indices, offsets))
+    nt = base.shape[0]
+    lengths = off[1:] - off[:-1]                                   # table-major bags: t B + b
+    tb = torch.repeat_interleave(torch.arange(nt * nb), lengths)
+    t, b = tb // nb, tb % nb
+    return base[t] + idx[off[0]:off[-1]], b * nt + t
+
+
+def _pool(vals, base, indices, offsets, y, col0):
+    """Sum rows `vals` (float64 [R, D]) into the slots of a copy of y."""
+    y = torch.as_tensor(y)
+    nb, nt, d = y.shape[0], torch.as_tensor(base).shape[0], vals.shape[1]
+    rows, bag = _bags(base, indices, offsets, nb)
+    pooled = torch.zeros(nb * nt, d, dtype=torch.float64).index_add_(0, bag, vals[rows])
+    out = y.clone().to(torch.float64)
+    out[:, int(col0): int(col0) + nt * d] = pooled.view(nb, nt * d)
+    return out.to(torch.float32)
+
+
+def dequant_s8(w, scale, bias):
+    return torch.as_tensor(w).double() * torch.as_tensor(scale).double()[:, None] + torch.as_tensor(bias).double()[:, None]
+
+
+def unpack_u4(w4) -> torch.Tensor:
+    """[R, D/2] s8 (the layout above) -> [R, D] codes 0..15."""
+    v = torch.as_tensor(w4).to(torch.int16) + 128
+    r, d2 = v.shape
+    g = v.view(r, d2 // 16, 16)
+    return torch.cat([g % 16, g // 16], dim=2).view(r, 2 * d2)
+
+
+def dequant_u4(w4, scale, bias):
+    return unpack_u4(w4).double() * torch.as_tensor(scale).double()[:, None] + torch.as_tensor(bias).double()[:, None]
+
+
+def ref_f32(w, base, indices, offsets, col0, y):
+    return _pool(torch.as_tensor(w).double(), base, indices, offsets, y, col0)
+
+
+def ref_s8(w, scale, bias, base, indices, offsets, col0, y):
+    return _pool(dequant_s8(w, scale, bias), base, indices, offsets, y, col0)
+
+
+def ref_u4(w4, scale, bias, base, indices, offsets, col0, y):
+    return _pool(dequant_u4(w4, scale, bias), base, indices, offsets, y, col0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+SPACE = pk.Space(PF=pk.choice(0, 4, 8, 16), default=dict(PF=8))
+
+
+@pk.kernel(space=SPACE, ref=ref_f32)
+def embedding_bag_f32(w: pk.f32[R, D], base: pk.i64[T], indices: pk.i32[NNZ], offsets: pk.i32[NO], col0: pk.i32,
+                      y: pk.Out[pk.f32[B, YW]], *, PF):
+    for i in pk.prange(0, B * T):                              # bag (b, t), sample-major
+        b = i // T
+        t = i % T
+        s = offsets[t * B + b]
+        e = offsets[t * B + b + 1]
+        r0 = base[t]
+        for c in range(0, D, 64):                              # 64-element column chunks
+            acc = pk.tile(pk.f32x16, 4)
+            for j in range(s, e):
+                if PF > 0:
+                    pk.prefetch(w[r0 + indices[min(j + PF, e - 1)], c])
+                r = r0 + indices[j]
+                for u in pk.unroll(4):
+                    acc[u] = acc[u] + pk.f32x16.load(w[r, min(c + 16 * u, D - 1)], n=D - c - 16 * u)
+            for u in pk.unroll(4):
+                if c + 16 * u < D:
+                    pk.store(y[b, col0 + t * D + c + 16 * u], acc[u], n=D - c - 16 * u)
+
+
+@pk.kernel(space=SPACE, ref=ref_s8)
+def embedding_bag_s8(w: pk.s8[R, D], scale: pk.f32[R], bias: pk.f32[R], base: pk.i64[T], indices: pk.i32[NNZ],
+                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF):
+    for i in pk.prange(0, B * T):
+        b = i // T
+        t = i % T
+        s = offsets[t * B + b]
+        e = offsets[t * B + b + 1]
+        r0 = base[t]
+        for c in range(0, D, 64):                              # one cache line of an int8 row
+            acc = pk.tile(pk.f32x16, 4)
+            bs = 0.0
+            for j in range(s, e):
+                if PF > 0:
+                    pk.prefetch(w[r0 + indices[min(j + PF, e - 1)], c])
+                r = r0 + indices[j]
+                sc = pk.f32x16.bcast(scale[r])
+                bs = bs + bias[r]
+                for u in pk.unroll(4):
+                    acc[u] = pk.fma(pk.f32x16.load_s8(w[r, min(c + 16 * u, D - 1)], n=D - c - 16 * u), sc, acc[u])
+            for u in pk.unroll(4):
+                if c + 16 * u < D:
+                    pk.store(y[b, col0 + t * D + c + 16 * u], acc[u] + bs, n=D - c - 16 * u)
+
+
+@pk.kernel(space=SPACE, ref=ref_u4)
+def embedding_bag_u4(w4: pk.s8[R, D2], scale: pk.f32[R], bias: pk.f32[R], base: pk.i64[T], indices: pk.i32[NNZ],
+                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF):
+    # D = 2 D2 elements a row, D a multiple of 32 (pack_u4 checks)
+    for i in pk.prange(0, B * T):
+        b = i // T
+        t = i % T
+        s = offsets[t * B + b]
+        e = offsets[t * B + b + 1]
+        r0 = base[t]
+        for c in range(0, 2 * D2, 64):                         # 64 elements = 32 bytes
+            acc = pk.tile(pk.f32x16, 4)
+            bs = 0.0
+            for j in range(s, e):
+                if PF > 0:
+                    pk.prefetch(w4[r0 + indices[min(j + PF, e - 1)], c // 2])
+                r = r0 + indices[j]
+                sc = pk.f32x16.bcast(scale[r])
+                bs = bs + bias[r]
+                for g in pk.unroll(2):
+                    if c + 32 * g < 2 * D2:
+                        v = pk.f32x16.load_s8(w4[r, min(c // 2 + 16 * g, D2 - 16)]) + 128.0
+                        hi = pk.to_f32(pk.to_i32((v - 7.5) * 0.0625))
+                        acc[2 * g] = pk.fma(v - hi * 16.0, sc, acc[2 * g])
+                        acc[2 * g + 1] = pk.fma(hi, sc, acc[2 * g + 1])
+            for u in pk.unroll(4):
+                if c + 16 * u < 2 * D2:
+                    pk.store(y[b, col0 + t * 2 * D2 + c + 16 * u], acc[u] + bs)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization (u8, affine, per tensor with optional per-column smoothing):
+# q[m, k] = clamp(round(x[m, k] * inv_scale[k]) + zp, 0, 255); inv_scale[k] = 1 / (s f_k) where s
+# is the tensor's scale and f_k a per-column smoothing factor folded into the consumer's weights
+# (all f_k = 1: plain per-tensor quantization)
+
+def ref_quantize(x, inv_scale, zp, q):
+    t = torch.as_tensor(x).double() * torch.as_tensor(inv_scale).float().double()[None, :]
+    return torch.clamp(torch.round(t) + int(zp), 0, 255).to(torch.uint8)
+
+
+M, K = pk.dims("M K")
+
+
+@pk.kernel(ref=ref_quantize)
+def quantize_u8(x: pk.f32[M, K], inv_scale: pk.f32[K], zp: pk.i32, q: pk.Out[pk.u8[M, K]]):
+    """Round half to even (as torch.quantize_per_tensor) after multiplying by 1/scale."""
+    for m in pk.prange(M):
+        lo = pk.f32x16.bcast(-512.0)                          # clamp before the int conversion: far
+        hi = pk.f32x16.bcast(512.0)                           # out-of-range values must saturate, not wrap
+        for k in range(0, K, 16):
+            v = pk.f32x16.load(x[m, k], n=K - k) * pk.f32x16.load(inv_scale[k], n=K - k)
+            pk.store(q[m, k], pk.to_u8(pk.to_i32(pk.min(pk.max(v, lo), hi)) + zp), n=min(K - k, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+@dataclass
+class PackedTables:
+    """All tables of a model, quantized row-wise, in one array (see the module docstring)."""
+    bits: int                  # 32, 8 or 4
+    w: torch.Tensor            # f32 [R, D] | s8 [R, D] | s8 [R, D/2]
+    scale: torch.Tensor | None  # f32 [R] (8/4-bit)
+    bias: torch.Tensor | None   # f32 [R]: the kernel's bias (int8: with the +128 folded in)
+    base: torch.Tensor         # i64 [T]: first row of each table
+    rows: tuple                # rows of each table
+    dim: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for t in (self.w, self.scale, self.bias) if t is not None)
+
+
+def _bases(rows) -> torch.Tensor:
+    return torch.tensor([0] + list(np.cumsum(rows)[:-1]), dtype=torch.int64)
+
+
+def quantize_rows_u8(w: torch.Tensor):
+    """Row-wise asymmetric 8-bit, torch's byte format (scale = (max - min) / 255, bias = min):
+    (codes u8 [R, D], scale f32 [R], bias f32 [R])."""
+    w = w.float()
+    lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    scale = (hi - lo) / 255.0
+    inv = 255.0 / (hi - lo + 1e-8)                       # as fbgemm: a constant row gets codes 0
+    q = torch.clamp(torch.round((w - lo[:, None]) * inv[:, None]), 0, 255).to(torch.uint8)
+    return q, scale.contiguous(), lo.contiguous()
+
+
+def quantize_rows_u4(w: torch.Tensor):
+    """Row-wise asymmetric 4-bit with fp16 scale and bias (torch's 4-bit format):
+    (codes u8 0..15 [R, D], scale f32 [R], bias f32 [R]) with scale and bias fp16-representable."""
+    w = w.float()
+    lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    bias = lo.half().float()
+    scale = ((hi - bias) / 15.0).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))       # constant row: codes 0
+    q = torch.clamp(torch.round((w - bias[:, None]) / scale[:, None]), 0, 15).to(torch.uint8)
+    return q, scale.contiguous(), bias.contiguous()
+
+
+def pack_f32(tables) -> PackedTables:
+    rows = tuple(int(t.shape[0]) for t in tables)
+    w = torch.cat([t.detach().float() for t in tables]).contiguous()
+    return PackedTables(32, w, None, None, _bases(rows), rows, int(w.shape[1]))
+
+
+def pack_s8(q_u8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rows) -> PackedTables:
+    """From u8 codes (all tables concatenated) with torch-format scale and bias."""
+    w = (q_u8.to(torch.int16) - 128).to(torch.int8).contiguous()
+    return PackedTables(8, w, scale.float().contiguous(), (bias.float() + 128.0 * scale.float()).contiguous(),
+                        _bases(rows), tuple(rows), int(w.shape[1]))
+
+
+def pack_u4(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rows) -> PackedTables:
+    """From codes 0..15 [R, D] (D a multiple of 32) into the nibble layout above."""
+    r, d = q.shape
+    if d % 32:
+        raise ValueError(f"4-bit tables need a dimension that is a multiple of 32, got {d}")
+    g = q.to(torch.int16).view(r, d // 32, 2, 16)
+    byte = g[:, :, 0, :] + 16 * g[:, :, 1, :]
+    w4 = (byte - 128).to(torch.int8).reshape(r, d // 2).contiguous()
+    return PackedTables(4, w4, scale.float().contiguous(), bias.float().contiguous(), _bases(rows), tuple(rows), d)
+
+
+def dequantized(p: PackedTables) -> torch.Tensor:
+    """The fp32 rows a packed table stands for (float64 math, then f32)."""
+    if p.bits == 32:
+        return p.w
+    return (dequant_s8(p.w, p.scale, p.bias) if p.bits == 8 else dequant_u4(p.w, p.scale, p.bias)).float()
+
+
+def embedding_bag(p: PackedTables, indices: torch.Tensor, offsets: torch.Tensor, y: torch.Tensor, col0: int = 0):
+    """Pool every (sample, table) bag of a table-major batch into y[:, col0 + t D: ...]."""
+    if p.bits == 32:
+        return embedding_bag_f32(p.w, p.base, indices, offsets, col0, y)
+    kern = embedding_bag_s8 if p.bits == 8 else embedding_bag_u4
+    return kern(p.w, p.scale, p.bias, p.base, indices, offsets, col0, y)
