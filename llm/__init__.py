@@ -5,3 +5,6 @@ from .ops import OpConfig
 from .sampling import SamplingConfig
 
 __all__ = ["LLMModel", "SamplingConfig", "OpConfig", "KVCacheConfig", "GenerationOutput", "Metrics"]
+from .speculative import DraftModelSpecDecodeConfig, PardSpecDecodeConfig  # noqa: E402
+
+__all__ += ["PardSpecDecodeConfig", "DraftModelSpecDecodeConfig"]

@@ -36,6 +36,9 @@ class Metrics:
     tpot_s: float                  # mean time per output token after the first
     decode_tokens_per_s: float     # new tokens after the first / their time (per row)
     prefill_tokens_per_s: float
+    rounds: int = 0                            # speculative decoding: draft/verify rounds after the first token
+    acceptance_rate: float | None = None       # accepted drafts / proposed drafts
+    mean_accepted_per_round: float | None = None   # tokens committed per round (accepted drafts + 1)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class GenerationOutput:
 class LLMModel:
     def __init__(self, model_name_or_path=None, tokenizer_name_or_path=None, dtype: str = "bfloat16",
                  weights: str = "native", kv_cache: KVCacheConfig | None = None, opconfig: OpConfig | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, pard_config=None):
         from . import models
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -74,6 +77,31 @@ class LLMModel:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.spec_config, self.drafter = pard_config, None
+        if pard_config is not None:
+            self.drafter = self._load_drafter(pard_config, dtype, weights, opconfig)
+
+    def set_drafter(self, drafter, num_speculative_tokens: int) -> None:
+        """Use any drafter (prefill / propose / update / begin / release; see llm/speculative.py),
+        e.g. an oracle in tests or a new drafting idea in experiments; None turns drafting off."""
+        from .speculative import DraftModelSpecDecodeConfig
+        self.drafter = drafter
+        self.spec_config = None if drafter is None else DraftModelSpecDecodeConfig("<custom>", num_speculative_tokens)
+
+    def _load_drafter(self, sc, dtype, weights, opconfig):
+        from . import speculative as sd
+        if not isinstance(sc, (sd.PardSpecDecodeConfig, sd.DraftModelSpecDecodeConfig)):
+            raise TypeError(f"pard_config must be a PardSpecDecodeConfig or DraftModelSpecDecodeConfig, not {type(sc).__name__}")
+        if not 1 <= sc.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens={sc.num_speculative_tokens}: choose 1 .. 32")
+        draft = LLMModel(sc.model_name_or_path, tokenizer_name_or_path=str(self.path), dtype=dtype, weights=weights,
+                         opconfig=opconfig)
+        if draft.spec.vocab < len(self.tokenizer):
+            raise ValueError(f"the draft's vocabulary ({draft.spec.vocab}) is smaller than the target tokenizer's "
+                             f"({len(self.tokenizer)}): not a draft for this model")
+        if isinstance(sc, sd.PardSpecDecodeConfig):
+            return sd.PardDrafter(draft, sd.pard_token_of(draft.path, sc.pard_token))
+        return sd.ModelDrafter(draft)
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt) -> list:
@@ -108,7 +136,18 @@ class LLMModel:
             return ([self.encode(prompts)], True) if prompts.dim() == 1 else ([self.encode(r) for r in prompts], False)
         if isinstance(prompts, (list, tuple)) and prompts:
             return [self.encode(p) for p in prompts], False
-        raise ValueError("no prompt given")
+        if isinstance(prompts, (list, tuple)):
+            raise ValueError("no prompt given")
+        raise TypeError(f"a prompt must be a string, chat messages or token ids, not {type(prompts).__name__}")
+
+    def logits(self, ids) -> torch.Tensor:
+        """Logits [T, V] for every position of one token sequence (no cache kept): perplexity, tests."""
+        ids = self.encode(ids)
+        s0 = self.cache.alloc(1, len(ids))
+        try:
+            return self.model.forward(torch.tensor([ids]), s0, all_logits=True).logits.clone()
+        finally:
+            self.cache.free(s0)
 
     # ---- generation --------------------------------------------------------------------------------
     def generate(self, prompts, sampling_config: SamplingConfig | None = None, streamer=None):
@@ -139,91 +178,106 @@ class LLMModel:
             if len(ids) + cfg.max_new_tokens > self.cache.max_tokens:
                 raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the "
                                  f"context of {self.cache.max_tokens} tokens")
+        if self.drafter is not None and not cfg.greedy:
+            raise ValueError("speculative decoding (PARD / draft model) is greedy only: use do_sample=False and no "
+                             "repetition/frequency penalties, or load the model without pard_config")
+        k = self.spec_config.num_speculative_tokens if self.drafter is not None else 0
         t0 = time.perf_counter()
-        s0 = self.cache.alloc(b, max(len(r) for r in rows) + cfg.max_new_tokens)
+        s0 = self.cache.alloc(b, max(len(r) for r in rows) + cfg.max_new_tokens + k + 1)
         try:
-            yield from self._generate(rows, cfg, s0, t0, single)
+            if self.drafter is None:
+                yield from self._generate(rows, cfg, s0, t0, single)
+            else:
+                from .speculative import generate as speculative_generate
+                states = [RowState(self, cfg, ids, i) for i, ids in enumerate(rows)]
+                yield from speculative_generate(self, self.drafter, k, states, s0, t0, single)
         finally:
             self.cache.free(s0, b)
 
     def _generate(self, rows, cfg, s0, t0, single):
         b = len(rows)
-        samplers = [Sampler(cfg, self.spec.vocab, ids) for ids in rows]
-        if cfg.seed is not None:                                  # a distinct, reproducible stream per row
-            for i, s in enumerate(samplers):
-                s.gen.manual_seed(cfg.seed + i)
-        out = [[] for _ in range(b)]
-        texts, emitted = [""] * b, [0] * b
-        finish = [None] * b
-        ttft = [0.0] * b
-        first = [None] * b
-
-        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
-
-        def pick(i, logits, greedy_id):
-            if len(out[i]) < cfg.min_new_tokens:                      # as HF: EOS cannot be chosen before min_new_tokens
-                if cfg.greedy and int(greedy_id) not in self.eos_ids:
-                    return int(greedy_id)
-                logits = logits.clone()
-                logits[eos] = -float("inf")
-                return samplers[i](logits)
-            return int(greedy_id) if cfg.greedy else samplers[i](logits)
-
-        def accept(i, tok):
-            if finish[i] is not None:
-                return
-            out[i].append(tok)
-            samplers[i].observe(tok)
-            n = len(out[i])
-            if cfg.return_text or cfg.stop_strings:
-                text = self.tokenizer.decode(out[i], skip_special_tokens=True)
-                for stop in cfg.stop_strings if n >= cfg.min_new_tokens else ():
-                    j = text.find(stop, max(0, emitted[i] - len(stop)))
-                    if j >= 0:
-                        texts[i], finish[i] = text[:j + len(stop)], "stop"
-                        break
-                else:
-                    if not text.endswith("\ufffd"):               # wait for the rest of a multi-byte character
-                        texts[i] = text
-            if finish[i] is None and tok in self.eos_ids and n >= cfg.min_new_tokens:
-                finish[i] = "eos"
-            elif finish[i] is None and n >= cfg.max_new_tokens:
-                finish[i] = "length"
-
-        prefill = [0.0] * b
-        for i, ids in enumerate(rows):                               # prefill row by row
+        st = [RowState(self, cfg, ids, i) for i, ids in enumerate(rows)]
+        for i, r in enumerate(st):                                   # prefill row by row
             tp = time.perf_counter()
-            p = self.model.forward(torch.tensor([ids]), s0 + i)
-            prefill[i] = time.perf_counter() - tp
-            accept(i, pick(i, p.logits[0], p.next[0]))
-            first[i] = time.perf_counter()
-            ttft[i] = first[i] - t0
-        for ev in self._emit(texts, emitted):
-            yield ev
-        while any(f is None for f in finish):
-            last = torch.tensor([[o[-1]] for o in out])
+            p = self.model.forward(torch.tensor([r.prompt]), s0 + i)
+            r.prefill_s = time.perf_counter() - tp
+            r.accept(r.pick(p.logits[0], p.next[0]))
+            r.first = time.perf_counter()
+            r.ttft_s = r.first - t0
+        yield from emit(st)
+        while any(r.finish is None for r in st):
+            last = torch.tensor([[r.out[-1]] for r in st])
             p = self.model.forward(last, s0)
-            for i in range(b):
-                if finish[i] is None:
-                    accept(i, pick(i, p.logits[i], p.next[i]))
-            for ev in self._emit(texts, emitted):
-                yield ev
-        t_end = time.perf_counter()
-        results = []
-        for i in range(b):
-            n = len(out[i])
-            dec = t_end - first[i]
-            results.append(GenerationOutput(
-                token_ids=out[i], text=texts[i] if cfg.return_text else None, finish_reason=finish[i],
-                prompt_ids=rows[i],
-                metrics=Metrics(prompt_tokens=len(rows[i]), new_tokens=n, ttft_s=ttft[i],
-                                tpot_s=dec / max(n - 1, 1), decode_tokens_per_s=(n - 1) / dec if n > 1 and dec > 0 else 0.0,
-                                prefill_tokens_per_s=len(rows[i]) / prefill[i])))
-        yield ("done", results, single)
+            for i, r in enumerate(st):
+                if r.finish is None:
+                    r.accept(r.pick(p.logits[i], p.next[i]))
+            yield from emit(st)
+        yield ("done", [r.result() for r in st], single)
 
-    @staticmethod
-    def _emit(texts, emitted):
-        for i, t in enumerate(texts):
-            if len(t) > emitted[i]:
-                yield ("text", i, t[emitted[i]:])
-                emitted[i] = len(t)
+
+def emit(states):
+    """("text", row, piece) events for text produced since the last call."""
+    for r in states:
+        if len(r.text) > r.emitted:
+            yield ("text", r.row, r.text[r.emitted:])
+            r.emitted = len(r.text)
+
+
+class RowState:
+    """One sequence being generated: its tokens, text, stop state and timings."""
+
+    def __init__(self, llm, cfg, prompt, row):
+        self.llm, self.cfg, self.prompt, self.row = llm, cfg, prompt, row
+        self.sampler = Sampler(cfg, llm.spec.vocab, prompt)
+        if cfg.seed is not None:                                     # a distinct, reproducible stream per row
+            self.sampler.gen.manual_seed(cfg.seed + row)
+        self.eos = torch.tensor(sorted(llm.eos_ids), dtype=torch.long)
+        self.out, self.text, self.emitted, self.finish = [], "", 0, None
+        self.prefill_s = self.ttft_s = 0.0
+        self.first = None
+        self.rounds = self.drafted = self.accepted = 0               # speculative decoding counters
+
+    def pick(self, logits, greedy_id) -> int:
+        cfg = self.cfg
+        if len(self.out) < cfg.min_new_tokens:                       # as HF: EOS cannot be chosen before min_new_tokens
+            if cfg.greedy and int(greedy_id) not in self.llm.eos_ids:
+                return int(greedy_id)
+            logits = logits.clone()
+            logits[self.eos] = -float("inf")
+            return self.sampler(logits)
+        return int(greedy_id) if cfg.greedy else self.sampler(logits)
+
+    def accept(self, tok: int) -> bool:
+        """Append a token unless the row has finished; returns whether it was taken."""
+        if self.finish is not None:
+            return False
+        cfg = self.cfg
+        self.out.append(tok)
+        self.sampler.observe(tok)
+        n = len(self.out)
+        if cfg.return_text or cfg.stop_strings:
+            text = self.llm.tokenizer.decode(self.out, skip_special_tokens=True)
+            for stop in cfg.stop_strings if n >= cfg.min_new_tokens else ():
+                j = text.find(stop, max(0, self.emitted - len(stop)))
+                if j >= 0:
+                    self.text, self.finish = text[:j + len(stop)], "stop"
+                    break
+            else:
+                if not text.endswith("\ufffd"):                      # wait for the rest of a multi-byte character
+                    self.text = text
+        if self.finish is None and tok in self.llm.eos_ids and n >= cfg.min_new_tokens:
+            self.finish = "eos"
+        elif self.finish is None and n >= cfg.max_new_tokens:
+            self.finish = "length"
+        return True
+
+    def result(self) -> GenerationOutput:
+        n, dec = len(self.out), time.perf_counter() - self.first
+        spec = dict(rounds=self.rounds, acceptance_rate=self.accepted / self.drafted if self.drafted else None,
+                    mean_accepted_per_round=(n - 1) / self.rounds if self.rounds else None)
+        return GenerationOutput(
+            token_ids=self.out, text=self.text if self.cfg.return_text else None, finish_reason=self.finish,
+            prompt_ids=self.prompt,
+            metrics=Metrics(prompt_tokens=len(self.prompt), new_tokens=n, ttft_s=self.ttft_s, tpot_s=dec / max(n - 1, 1),
+                            decode_tokens_per_s=(n - 1) / dec if n > 1 and dec > 0 else 0.0,
+                            prefill_tokens_per_s=len(self.prompt) / self.prefill_s, **spec))

@@ -48,7 +48,7 @@ class Plan:
 
 
 class Transformer:
-    def __init__(self, weights: Weights, cache: KVCache, opconfig: OpConfig = OpConfig(), max_plans: int = 16):
+    def __init__(self, weights: Weights, cache: KVCache, opconfig: OpConfig = OpConfig(), max_plans: int = 64):
         self.w, self.spec, self.cache, self.opconfig = weights, weights.spec, cache, opconfig
         self.cos, self.sin = rope_tables(cache.max_tokens, self.spec.head_dim, self.spec.rope_theta)
         self.plans: OrderedDict = OrderedDict()

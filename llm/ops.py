@@ -33,8 +33,9 @@ class OpConfig:
 
     def __post_init__(self):
         for f in fields(self):
-            if getattr(self, f.name) not in IMPLS:
-                raise ValueError(f"OpConfig.{f.name}={getattr(self, f.name)!r}: choose one of {IMPLS}")
+            if getattr(self, f.name) not in PREPARE[f.name]:
+                raise ValueError(f"OpConfig.{f.name}={getattr(self, f.name)!r}: choose one of {tuple(PREPARE[f.name])} "
+                                 f"(add your own with llm.ops.register)")
 
     @classmethod
     def all(cls, impl: str) -> "OpConfig":
@@ -198,6 +199,14 @@ PREPARE = {
     "silu_mul": {"pacekern": silu_mul_pacekern, "torch": silu_mul_torch},
     "argmax": {"pacekern": argmax_pacekern, "torch": argmax_torch},
 }
+
+
+def register(op: str, name: str, prepare) -> None:
+    """Add an implementation of `op` (a preparer with the same buffers as the built-in ones), then
+    select it with OpConfig(**{op: name}): how an experiment swaps one kernel inside the model."""
+    if op not in PREPARE:
+        raise ValueError(f"unknown op '{op}': one of {', '.join(PREPARE)}")
+    PREPARE[op][name] = prepare
 
 
 def preparer(opconfig: OpConfig, op: str):

@@ -38,6 +38,13 @@ def _shape(sizes) -> str:
 
 def cmd_tune(args):
     import pacekern as pk
+    if args.ops and args.ops[0] in ("llm", "llm-int8"):
+        from llm.tune import tune_model
+        from pacekern.llm import LLMModel
+        model = LLMModel(args.model, weights="int8" if args.ops[0] == "llm-int8" else "native")
+        for res in tune_model(model, budget_s=args.budget or 30.0, force=args.force):
+            print(res.pin_line())
+        return
     for op, sizes in _problems(args):
         prob = op.build(**sizes)
         for kernel, kargs in prob.tune:
@@ -97,7 +104,19 @@ def print_table(rows):
           "read rate (GB/s), timed interleaved with the op in the same run")
 
 
+def cmd_bench_llm(args):
+    from llm.bench import bench_llm, table
+    rows, gbs = bench_llm(args.model, rounds=args.rounds if args.rounds != 7 else 3,
+                          progress=lambda m: print(f"[bench llm] {m}", file=sys.stderr, flush=True))
+    print(table(rows, gbs))
+
+
 def cmd_bench(args):
+    if args.ops == ["llm"]:
+        return cmd_bench_llm(args)
+    if args.ops and args.ops[0] == "dlrm":
+        from dlrm.cli import main as dlrm_main
+        return dlrm_main(["bench", *args.ops[1:]])
     rows = bench_rows(list(_problems(args)), tune=not args.no_tune, budget=args.budget, rounds=args.rounds)
     print_table(rows)
 
@@ -215,15 +234,17 @@ def main(argv=None):
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("ops", nargs="*", help="op names (default: all); see pacekern_ops/registry.py")
+        p.add_argument("ops", nargs="*", help="op names (default: all; see pacekern_ops/registry.py), or `llm` / `dlrm`")
         p.add_argument("--sizes", help="e.g. M=1,N=8960,K=1536 (default: the op's sizes)")
         if name in ("bench", "tune"):
             p.add_argument("--budget", type=float, default=None, help="tuning budget per kernel, seconds")
         if name == "tune":
             p.add_argument("--force", action="store_true", help="re-time configs already in the cache")
+            p.add_argument("--model", default=None, help="with `tune llm` / `tune llm-int8`: the model")
         if name == "bench":
             p.add_argument("--no-tune", action="store_true", help="time the cached/default configs only")
             p.add_argument("--rounds", type=int, default=7)
+            p.add_argument("--model", default=None, help="with `bench llm`: the model (default: the catalogue default)")
         p.set_defaults(fn=fn)
     s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
     s.add_argument("op")
@@ -238,6 +259,9 @@ def main(argv=None):
     mo.set_defaults(fn=cmd_models)
     e = sub.add_parser("env", help="the environment variables pacekern reads")
     e.set_defaults(fn=cmd_env)
+    dl = sub.add_parser("dlrm", help="DLRMv2: train | quantize | eval | bench (see `pacekern dlrm -h`)", add_help=False)
+    dl.add_argument("rest", nargs=argparse.REMAINDER)
+    dl.set_defaults(fn=lambda a: sys.exit(__import__("dlrm.cli", fromlist=["main"]).main(a.rest)))
     args = ap.parse_args(argv)
     args.fn(args)
 

@@ -24,7 +24,7 @@ VARS = {v.name: v for v in [
     Var("PACEKERN_LOG_LEVEL", "info", "debug | profile | info | warning | error. 'profile' prints per-kernel "
         "call counts and time at exit."),
     Var("PACEKERN_CACHE_DIR", "~/.cache/pacekern", "Generated sources, Numba's compiled code and the tuning database."),
-    Var("PACEKERN_MODEL_DIR", "~/.cache/pacekern/models", "Downloaded GGUF files and the Hugging Face directories converted from them."),
+    Var("PACEKERN_MODEL_DIR", "~/.cache/pacekern/models", "Downloaded GGUF files, the Hugging Face directories converted from them, DLRM checkpoints (dlrm/) and evaluation data (data/: Botchan, Lee, MovieLens-100k)."),
     Var("PACEKERN_TUNE", "0", "1 tunes a kernel on its first call for each untuned shape bucket; 0 uses the "
         "tuned config if cached, else the space's default config."),
     Var("PACEKERN_FORCE_TUNE", "0", "1 re-times every config even when the tuning cache has results."),

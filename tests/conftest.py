@@ -17,6 +17,11 @@ def needs_compiled_avx512():
     return None
 
 
+# whole-model tests: a 135M-parameter model through the NumPy interpreter would take hours; the
+# interpreter run checks every kernel on its own (tests/test_llm_ops.py) instead
+MODEL_TESTS = ("test_llm.py", "test_speculative.py", "test_llm_quality.py")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -24,6 +29,11 @@ def _seed():
 
 def pytest_collection_modifyitems(config, items):
     """tests/bench/ holds timings, not checks: they run with `pytest --benchmark-only`."""
+    if INTERPRET:
+        slow = pytest.mark.skip(reason="whole-model test: too slow in the NumPy interpreter (kernels are checked one by one)")
+        for item in items:
+            if os.path.basename(str(item.fspath)) in MODEL_TESTS:
+                item.add_marker(slow)
     if config.getoption("benchmark_only", False):
         return
     skip = pytest.mark.skip(reason="a benchmark: run with pytest --benchmark-only")

@@ -1,0 +1,155 @@
+"""The LLM pipeline against Hugging Face transformers on the same weights (written twice: our
+Transformer on pacekern kernels, HF's LlamaForCausalLM / Qwen2ForCausalLM)."""
+import os
+
+import pytest
+import torch
+
+from llm import models
+from pacekern.llm import LLMModel, OpConfig, SamplingConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROMPTS = ["The capital of France is", "Once upon a time, there was a little girl named", "def fibonacci(n):",
+           "The three primary colors are", "import numpy as np\n\n# compute the mean of each row\n",
+           "In 1969, the first humans", "Water boils at", "My favourite recipe for pancakes:"]
+NEW = 64
+
+
+def hf_model(path, dtype):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def hf_greedy(hf, ids, new):
+    with torch.no_grad():
+        g = hf.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return g[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def smol_f32():
+    return LLMModel(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smol_hf_f32(smol_f32):
+    return hf_model(smol_f32.path, torch.float32)
+
+
+def test_greedy_equals_hf_fp32_batched(smol_f32, smol_hf_f32):
+    """8 prompts x 64 tokens, decoded as one batch of 8 rows of different lengths."""
+    outs = smol_f32.generate(PROMPTS, SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW))
+    for p, o in zip(PROMPTS, outs):
+        assert o.token_ids == hf_greedy(smol_hf_f32, o.prompt_ids, NEW), p
+
+
+def test_batched_equals_unbatched(smol_f32):
+    cfg = SamplingConfig(max_new_tokens=24, min_new_tokens=24)
+    batched = smol_f32.generate(PROMPTS[:3], cfg)
+    for p, b in zip(PROMPTS[:3], batched):
+        assert smol_f32.generate(p, cfg).token_ids == b.token_ids
+
+
+def test_logits_match_hf_fp32(smol_f32, smol_hf_f32):
+    """Prefill (GEMM path) and decode (GEMV path) logits against HF's, fp32."""
+    ids = smol_f32.encode(PROMPTS[1])
+    m, c = smol_f32.model, smol_f32.cache
+    s0 = c.alloc(1, 64)
+    try:
+        pre = m.forward(torch.tensor([ids]), s0, all_logits=True).logits.clone()
+        dec = m.forward(torch.tensor([[ids[-1]]]), s0).logits.clone()
+    finally:
+        c.free(s0)
+    with torch.no_grad():
+        ref = smol_hf_f32(torch.tensor([ids + [ids[-1]]])).logits[0]
+    torch.testing.assert_close(pre, ref[:-1], rtol=0, atol=2e-3)
+    torch.testing.assert_close(dec[0], ref[-1], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("op", ["linear", "add_rmsnorm", "rope_qkv", "attention", "silu_mul", "argmax"])
+def test_each_op_swappable(smol_f32, op):
+    """Swapping one op to its torch implementation leaves the greedy output unchanged."""
+    cfg = SamplingConfig(max_new_tokens=16, min_new_tokens=16)
+    want = smol_f32.generate(PROMPTS[0], cfg).token_ids
+    smol_f32.model.set_opconfig(OpConfig().with_(**{op: "torch"}))
+    try:
+        assert smol_f32.generate(PROMPTS[0], cfg).token_ids == want
+    finally:
+        smol_f32.model.set_opconfig(OpConfig())
+
+
+def test_stop_eos_and_stream(smol_f32):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    o = smol_f32.generate(chat, SamplingConfig(max_new_tokens=40))
+    assert o.finish_reason == "eos" and "Paris" in o.text
+    assert "".join(smol_f32.stream(chat, SamplingConfig(max_new_tokens=40))) == o.text
+    s = smol_f32.generate(PROMPTS[0], SamplingConfig(max_new_tokens=40, stop_strings=["answer"]))
+    assert s.finish_reason == "stop" and s.text.endswith("answer")
+
+
+def test_sampling_reproducible(smol_f32):
+    cfg = SamplingConfig(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, min_p=0.05, seed=7,
+                         repetition_penalty=1.1, frequency_penalty=0.2)
+    a, b = smol_f32.generate(PROMPTS[1], cfg), smol_f32.generate(PROMPTS[1], cfg)
+    assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("", "empty"), ([], "no prompt"), ([10**9], "outside the vocabulary"), (3.5, "must be a string"),
+])
+def test_bad_prompts(smol_f32, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        smol_f32.generate(bad)
+
+
+def test_prompt_longer_than_context(smol_f32):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        smol_f32.generate(list(range(smol_f32.cache.max_tokens)), SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=0.0), "temperature"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(min_p=1.0), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_sampling(smol_f32, kw, match):
+    with pytest.raises(ValueError, match=match):
+        smol_f32.generate(PROMPTS[0], SamplingConfig(**kw))
+
+
+def test_bad_model_and_options():
+    with pytest.raises(models.ModelError, match="unknown model"):
+        LLMModel("no-such-model")
+    with pytest.raises(ValueError, match="dtype"):
+        LLMModel(dtype="float16")
+    with pytest.raises(ValueError, match="weights"):
+        LLMModel(weights="int4")
+
+
+def test_bf16_logits_close_to_hf_bf16():
+    """bf16 weights with fp32 activations vs HF in bf16 (bf16 activations too): the stated tolerance
+    is 0.15 max abs logit difference on the last position after a 12-token prompt, and the same top-1."""
+    ours = LLMModel(dtype="bfloat16")
+    hf = hf_model(ours.path, torch.bfloat16)
+    ids = ours.encode(PROMPTS[1])
+    s0 = ours.cache.alloc(1, 64)
+    try:
+        got = ours.model.forward(torch.tensor([ids]), s0).logits[0].clone()
+    finally:
+        ours.cache.free(s0)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1].float()
+    f32 = hf_model(ours.path, torch.float32)
+    with torch.no_grad():
+        exact = f32(torch.tensor([ids])).logits[0, -1]
+    # ours (bf16 weights, fp32 activations) is closer to fp32 than HF bf16 is
+    assert (got - exact).abs().max() <= (ref - exact).abs().max()
+    assert int(got.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.heavy
+def test_greedy_equals_hf_fp32_qwen():
+    ours = LLMModel("qwen2.5-coder-0.5b-instruct", dtype="float32")
+    hf = hf_model(ours.path, torch.float32)
+    outs = ours.generate(PROMPTS, SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW))
+    for p, o in zip(PROMPTS, outs):
+        assert o.token_ids == hf_greedy(hf, o.prompt_ids, NEW), p

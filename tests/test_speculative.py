@@ -1,0 +1,124 @@
+"""Speculative decoding is lossless: its output equals plain greedy decoding token for token, for
+every rollback length (oracle drafts right for exactly j tokens), for random drafts, for a real
+model drafter and for the PARD drafter, at batch 1 and batch > 1."""
+import random
+
+import pytest
+import torch
+
+from llm.speculative import ModelDrafter, PardDrafter, PardSpecDecodeConfig
+from pacekern.llm import LLMModel, SamplingConfig
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little girl named",
+           "import numpy as np\n\n# compute the mean of each row\n", "Water boils at", "In 1969, the first humans",
+           "The three primary colors are", "My favourite recipe for pancakes:", "Dear Sir or Madam,",
+           "for (int i = 0; i < n; i++) {", "The mitochondria is", "Q: What is 12 times 7?\nA:",
+           "Roses are red,", "SELECT name FROM users WHERE", "The quick brown fox", "It was a dark and stormy night"]
+
+
+class OracleDrafter:
+    """Proposes the true greedy continuation, made wrong after `right` tokens of each round
+    (None: always right), or random tokens (right=-1)."""
+
+    def __init__(self, truth, right, vocab, seed=0):
+        self.truth, self.right, self.vocab, self.rng = truth, right, vocab, random.Random(seed)
+        self.n = {}
+
+    def begin(self, n_rows, max_tokens, k):
+        pass
+
+    def release(self, n_rows):
+        pass
+
+    def prefill(self, i, prompt, first):
+        self.n[i] = 1
+
+    def propose(self, i, k):
+        if self.right == -1:
+            return [self.rng.randrange(self.vocab) for _ in range(k)]
+        t = self.truth[i][self.n[i]:self.n[i] + k]
+        t = t + [0] * (k - len(t))
+        j = self.right if self.right is not None else k
+        return [x if q < j else (x + 1) % self.vocab for q, x in enumerate(t)]
+
+    def update(self, i, accepted, new):
+        self.n[i] += len(new)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LLMModel(dtype="float32")
+
+
+def greedy(model, prompts, n):
+    model.set_drafter(None, 0)
+    return [o.token_ids for o in model.generate(prompts, SamplingConfig(max_new_tokens=n))]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_oracle_every_rollback_length(model, k):
+    prompts, n = PROMPTS[:2], 24
+    truth = greedy(model, prompts, n)
+    for right in [None, -1, *range(k)]:
+        model.set_drafter(OracleDrafter(truth, right, model.spec.vocab), k)
+        outs = model.generate(prompts, SamplingConfig(max_new_tokens=n))
+        assert [o.token_ids for o in outs] == truth, f"k={k} right={right}"
+        m = outs[0].metrics
+        if right is None:                       # all drafts accepted: K + 1 tokens per round
+            assert m.acceptance_rate >= 0.9 and m.mean_accepted_per_round >= 0.75 * (k + 1)  # last round: max_new_tokens
+        elif right >= 0:
+            assert m.acceptance_rate == pytest.approx(right / k, abs=0.15)
+    model.set_drafter(None, 0)
+
+
+def test_model_drafter_and_pard_drafter(model):
+    prompts, n = PROMPTS[2:4], 20
+    truth = greedy(model, prompts, n)
+    draft = LLMModel(dtype="float32")
+    model.set_drafter(ModelDrafter(draft), 3)            # the target drafting for itself: always right
+    outs = model.generate(prompts, SamplingConfig(max_new_tokens=n))
+    assert [o.token_ids for o in outs] == truth
+    assert outs[0].metrics.acceptance_rate > 0.9
+    model.set_drafter(PardDrafter(draft, mask_id=0), 4)  # an untrained "PARD draft": still lossless
+    assert [o.token_ids for o in model.generate(prompts, SamplingConfig(max_new_tokens=n))] == truth
+    # the draft caches hold only committed tokens between requests
+    assert all(not u for u in draft.cache.in_use)
+    model.set_drafter(None, 0)
+
+
+def test_sampling_with_drafter_is_an_error(model):
+    model.set_drafter(OracleDrafter({}, None, model.spec.vocab), 2)
+    with pytest.raises(ValueError, match="greedy only"):
+        model.generate(PROMPTS[0], SamplingConfig(do_sample=True, max_new_tokens=4))
+    model.set_drafter(None, 0)
+
+
+def test_pard_token_missing_is_an_error(model):
+    with pytest.raises(ValueError, match="pard_token"):
+        LLMModel(dtype="float32", pard_config=PardSpecDecodeConfig(str(model.path)))
+
+
+def test_eos_inside_accepted_block(model):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    model.set_drafter(None, 0)
+    ref = model.generate(chat, SamplingConfig(max_new_tokens=40))
+    assert ref.finish_reason == "eos"
+    truth = [ref.token_ids + [0] * 16]
+    model.set_drafter(OracleDrafter(truth, None, model.spec.vocab), 8)
+    out = model.generate(chat, SamplingConfig(max_new_tokens=40))
+    assert out.token_ids == ref.token_ids and out.finish_reason == "eos"
+    model.set_drafter(None, 0)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("k", [1, 4, 8, 12])
+def test_lossless_16_prompts_128_tokens(model, k):
+    n = 128
+    truth = greedy(model, PROMPTS, n)
+    for right in [None, -1, k // 2]:
+        model.set_drafter(OracleDrafter(truth, right, model.spec.vocab), k)
+        assert [o.token_ids for o in model.generate(PROMPTS, SamplingConfig(max_new_tokens=n))] == truth
+    # batch 1 equals batch 16
+    model.set_drafter(OracleDrafter(truth[3:4], k // 2, model.spec.vocab), k)
+    assert model.generate(PROMPTS[3], SamplingConfig(max_new_tokens=n)).token_ids == truth[3]
+    model.set_drafter(None, 0)
