@@ -29,7 +29,9 @@ def ref(gu, out):
 def sigmoid(a):
     e = pk.exp(-pk.max(a, -a))                       # exp(-|a|) in (0, 1]: no overflow
     t = (1.0 - e) / (1.0 + e)                         # tanh(|a| / 2)
-    return 0.5 + 0.5 * pk.min(pk.max(a * 1e30, -1.0), 1.0) * t     # sign(a) * tanh(|a| / 2)
+    one = pk.f32x16.bcast(1.0)
+    sign = pk.min(pk.max(a * 1e30, -one), one)        # -1, 0 or 1 (a tiny |a| rounds towards 0: harmless)
+    return 0.5 + 0.5 * sign * t                       # 0.5 + 0.5 tanh(a / 2)
 
 
 @pk.kernel(ref=ref, key={"R": "pow2"})
