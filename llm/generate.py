@@ -65,9 +65,8 @@ class LLMModel:
             pk.set_num_threads(threads)
         torch.set_num_threads(pk.target().threads)
         self.path = models.resolve(model_name_or_path)
-        from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(str(models.resolve(tokenizer_name_or_path))
-                                                       if tokenizer_name_or_path else str(self.path))
+        from .tokenizer import Tokenizer
+        self.tokenizer = Tokenizer(models.resolve(tokenizer_name_or_path) if tokenizer_name_or_path else self.path)
         self.spec = ModelSpec.from_dir(self.path)
         self.fmt = "int8" if weights == "int8" else DTYPES[dtype]
         self.weights = load(self.path, self.spec, self.fmt)
