@@ -70,6 +70,20 @@ def linear_torch(lin, x, y):
     return _bias(call, y, lin)
 
 
+def _untuned_rows_config(kern, x, w, y):
+    """Several rows (batched decode, verification) and no tuned config for them: share each weight
+    load among up to 8 rows (MM) instead of the space's one-row default. None: the usual choice."""
+    rows = x.shape[0]
+    if rows == 1:
+        return None
+    from pacekern import tuner
+    import pacekern as pk
+    if tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
+        return None
+    mm = 8 if rows >= 8 else (4 if rows >= 4 else 2)
+    return pk.Config.of(R=2 if mm == 8 else 4, NB=64, PF=0, MM=mm)
+
+
 def linear_pacekern(lin, x, y):
     rows = x.shape[0]
     if lin.fmt == "int8":                                        # 16-bit activations x int8 weights on VNNI
@@ -83,7 +97,8 @@ def linear_pacekern(lin, x, y):
             mm()
     elif rows <= GEMV_MAX_ROWS:
         from pacekern_ops import gemv
-        call = (gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16).prepare(x, lin.w, y)
+        kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16
+        call = kern.prepare(x, lin.w, y, config=_untuned_rows_config(kern, x, lin.w, y))
     elif lin.fmt == "f32":
         from pacekern_ops import gemm_f32
         if lin.packed is None:

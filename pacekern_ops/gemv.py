@@ -27,27 +27,49 @@ SPACE = pk.Space(R=pk.choice(2, 4, 6, 8), NB=pk.choice(16, 32, 64, 128), PF=pk.c
                  where=lambda c: c.NB % c.R == 0, prune=_prune, default=dict(R=4, NB=64, PF=0))
 
 
-@pk.kernel(space=SPACE, ref=ref_bf16, key={"M": "exact"})
-def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF):
+def _prune_mm(c, dims, cpu):
+    # MM rows of x share each weight load; more than M rows would only compute padding
+    return _prune(c, dims, cpu) and (c.MM == 1 or c.MM < 2 * dims["M"])
+
+
+# MM x R accumulators + MM x vectors + 1 weight vector stay within the 32 zmm registers
+SPACE_MM = pk.Space(R=pk.choice(2, 4, 6, 8), NB=pk.choice(16, 32, 64, 128), PF=pk.choice(0, 256, 512, 1024),
+                    MM=pk.choice(1, 2, 4, 8), where=lambda c: c.NB % c.R == 0 and c.MM * (c.R + 1) <= 24,
+                    prune=_prune_mm, default=dict(R=4, NB=64, PF=0, MM=1))
+
+
+@pk.kernel(space=SPACE_MM, ref=ref_bf16, key={"M": "exact"})
+def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF, MM):
+    """Rows of x are taken MM at a time, so each weight vector loaded (and widened) once serves MM
+    rows (batched decode, speculative verification). Every (row, output) accumulates over k in the
+    same order whatever MM is, so the result does not depend on the batch."""
     for n0 in pk.prange(0, N, NB):
         for r0 in range(n0, min(n0 + NB, N), R):
-            for m in range(M):
-                acc = pk.tile(pk.f32x16, R)
+            for m0 in range(0, M, MM):
+                acc = pk.tile(pk.f32x16, MM, R)
+                xv = pk.tile(pk.f32x16, MM)
                 for k0 in range(0, K - 31, 32):                     # one 64-byte line of each row per step
                     for r in pk.unroll(R):
                         if PF > 0:
                             pk.prefetch(w[min(r0 + r, N - 1), k0 + PF])
                     for v in pk.unroll(2):
-                        xv = pk.f32x16.load(x[m, k0 + 16 * v])
+                        for i in pk.unroll(MM):
+                            xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k0 + 16 * v])
                         for r in pk.unroll(R):
-                            acc[r] = pk.fma(pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k0 + 16 * v]), xv, acc[r])
+                            wv = pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k0 + 16 * v])
+                            for i in pk.unroll(MM):
+                                acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
                 for k in range(K - K % 32, K, 16):                  # the last part line, masked
-                    xv = pk.f32x16.load(x[m, k], n=K - k)
+                    for i in pk.unroll(MM):
+                        xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k], n=K - k)
                     for r in pk.unroll(R):
-                        acc[r] = pk.fma(pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])
-                for r in pk.unroll(R):
-                    if r0 + r < N:
-                        y[m, r0 + r] = pk.hsum(acc[r])
+                        wv = pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k], n=K - k)
+                        for i in pk.unroll(MM):
+                            acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                for i in pk.unroll(MM):
+                    for r in pk.unroll(R):
+                        if m0 + i < M and r0 + r < N:
+                            y[m0 + i, r0 + r] = pk.hsum(acc[i, r])
 
 
 @pk.kernel
@@ -132,27 +154,35 @@ def ref_f32(x, w, y):
     return x @ w.t()
 
 
-@pk.kernel(space=SPACE, ref=ref_f32, key={"M": "exact"})
-def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF):
+@pk.kernel(space=SPACE_MM, ref=ref_f32, key={"M": "exact"})
+def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF, MM):
     """gemv_bf16 for fp32 weights (fp32 decode): each step reads two 64-byte lines of each of
-    the R rows (32 floats), prefetching both PF elements ahead."""
+    the R rows (32 floats), prefetching both PF elements ahead; MM rows of x per weight load."""
     for n0 in pk.prange(0, N, NB):
         for r0 in range(n0, min(n0 + NB, N), R):
-            for m in range(M):
-                acc = pk.tile(pk.f32x16, R)
+            for m0 in range(0, M, MM):
+                acc = pk.tile(pk.f32x16, MM, R)
+                xv = pk.tile(pk.f32x16, MM)
                 for k0 in range(0, K - 31, 32):
                     for r in pk.unroll(R):
                         if PF > 0:
                             pk.prefetch(w[min(r0 + r, N - 1), k0 + PF])
                             pk.prefetch(w[min(r0 + r, N - 1), k0 + PF + 16])
                     for v in pk.unroll(2):
-                        xv = pk.f32x16.load(x[m, k0 + 16 * v])
+                        for i in pk.unroll(MM):
+                            xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k0 + 16 * v])
                         for r in pk.unroll(R):
-                            acc[r] = pk.fma(pk.f32x16.load(w[min(r0 + r, N - 1), k0 + 16 * v]), xv, acc[r])
+                            wv = pk.f32x16.load(w[min(r0 + r, N - 1), k0 + 16 * v])
+                            for i in pk.unroll(MM):
+                                acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
                 for k in range(K - K % 32, K, 16):                  # the last part lines, masked
-                    xv = pk.f32x16.load(x[m, k], n=K - k)
+                    for i in pk.unroll(MM):
+                        xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k], n=K - k)
                     for r in pk.unroll(R):
-                        acc[r] = pk.fma(pk.f32x16.load(w[min(r0 + r, N - 1), k], n=K - k), xv, acc[r])
-                for r in pk.unroll(R):
-                    if r0 + r < N:
-                        y[m, r0 + r] = pk.hsum(acc[r])
+                        wv = pk.f32x16.load(w[min(r0 + r, N - 1), k], n=K - k)
+                        for i in pk.unroll(MM):
+                            acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                for i in pk.unroll(MM):
+                    for r in pk.unroll(R):
+                        if m0 + i < M and r0 + r < N:
+                            y[m0 + i, r0 + r] = pk.hsum(acc[i, r])
