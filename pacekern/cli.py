@@ -126,9 +126,14 @@ def cmd_generate(args):
     t0 = time.perf_counter()
     from pacekern.llm import LLMModel, SamplingConfig
     from llm.models import ModelError
+    spec = None
+    if getattr(args, "pard", None) or getattr(args, "draft", None):
+        from pacekern.llm import DraftModelSpecDecodeConfig, PardSpecDecodeConfig
+        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 12) if args.pard
+                else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4))
     try:
-        model = LLMModel(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads)
-    except ModelError as e:
+        model = LLMModel(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads, pard_config=spec)
+    except (ModelError, ValueError) as e:
         sys.exit(f"pacekern generate: {e}")
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0 or None,
@@ -142,8 +147,10 @@ def cmd_generate(args):
     except ValueError as e:
         sys.exit(f"\npacekern generate: {e}")
     m = out.metrics
+    spec_txt = (f"; {m.mean_accepted_per_round:.2f} tokens/round, acceptance {m.acceptance_rate:.0%}"
+                if m.acceptance_rate is not None else "")
     print(f"\n[{m.new_tokens} tokens, {out.finish_reason}; prefill {m.prompt_tokens} tokens in {m.ttft_s * 1e3:.0f} ms, "
-          f"decode {m.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+          f"decode {m.decode_tokens_per_s:.1f} tok/s{spec_txt}]", file=sys.stderr)
 
 
 def _generate_args(p, prompt_default=None):
@@ -156,6 +163,9 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--pard", metavar="DRAFT", default=None, help="speculative decoding with a PARD draft (greedy)")
+    p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
+    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 12, draft model: 4)")
 
 
 def cmd_demo(args):

@@ -122,3 +122,9 @@ def test_lossless_16_prompts_128_tokens(model, k):
     model.set_drafter(OracleDrafter(truth[3:4], k // 2, model.spec.vocab), k)
     assert model.generate(PROMPTS[3], SamplingConfig(max_new_tokens=n)).token_ids == truth[3]
     model.set_drafter(None, 0)
+
+
+def test_cli_pard_without_pard_token(model, capsys):
+    from pacekern.cli import main
+    with pytest.raises(SystemExit, match="pard_token"):
+        main(["generate", "hi", "--dtype", "float32", "--pard", str(model.path), "--max-new-tokens", "2"])
