@@ -9,9 +9,8 @@ DLRMv2's [B, 27 D] interaction buffer (slot 0 holds the bottom MLP output): no c
 
 Row formats (dequantized value of element j of row r):
   f32   w[r, j]
-  int8  (q[r, j] + 128) s[r] + b[r] = q[r, j] s[r] + (b[r] + 128 s[r]): q is stored as s8 (the u8
-        code minus 128) so that one widening load (vpmovsxbd + vcvtdq2ps) reads 16 of them;
-        `pack_s8` folds the +128 into the bias, so the kernel does q s + b'.
+  int8  (q[r, j] + 128) s[r] + b[r]: q is stored as s8 (the u8 code minus 128) so that one
+        widening load (vpmovsxbd + vcvtdq2ps) reads 16 of them; scale and bias are torch's.
   4-bit u[r, j] s[r] + b[r], u in 0..15, two codes a byte. Byte k of 32-element group g holds
         element 32 g + k (low nibble) and 32 g + 16 + k (high nibble), stored minus 128 as s8:
         one 16-byte load gives two f32x16 vectors. The DSL has no vector shifts or masks, so the
@@ -21,7 +20,9 @@ Row formats (dequantized value of element j of row r):
 
 Per (b, t) bag the kernel walks the ids once per 64-element column chunk (one cache line of an
 int8 row, half a line of a 4-bit row, a quarter of an fp32 row), 4 f32x16 accumulators, with a
-software prefetch of the row PF ids ahead; the per-row biases add up in a scalar. Threads split
+software prefetch of the row PF ids ahead. Each row is added as acc = fma(code, s, acc + b), the
+very float operations of fbgemm's (PyTorch's) quantized embedding bags, so the pooled sums are
+bit-identical to torch's and a quantized model gives the same u8 codes downstream. Threads split
 the B x T bags sample-major, so each thread gets whole samples (table 20's 100-id bags spread
 evenly). Ids are not bounds-checked here: callers validate them (dlrm.data.validate).
 """
@@ -62,7 +63,7 @@ def _pool(vals, base, indices, offsets, y, col0):
 
 
 def dequant_s8(w, scale, bias):
-    return torch.as_tensor(w).double() * torch.as_tensor(scale).double()[:, None] + torch.as_tensor(bias).double()[:, None]
+    return (torch.as_tensor(w).double() + 128) * torch.as_tensor(scale).double()[:, None] + torch.as_tensor(bias).double()[:, None]
 
 
 def unpack_u4(w4) -> torch.Tensor:
@@ -128,18 +129,18 @@ def embedding_bag_s8(w: pk.s8[R, D], scale: pk.f32[R], bias: pk.f32[R], base: pk
         r0 = base[t]
         for c in range(0, D, 64):                              # one cache line of an int8 row
             acc = pk.tile(pk.f32x16, 4)
-            bs = 0.0
             for j in range(s, e):
                 if PF > 0:
                     pk.prefetch(w[r0 + indices[min(j + PF, e - 1)], c])
                 r = r0 + indices[j]
                 sc = pk.f32x16.bcast(scale[r])
-                bs = bs + bias[r]
+                bs = pk.f32x16.bcast(bias[r])
                 for u in pk.unroll(4):
-                    acc[u] = pk.fma(pk.f32x16.load_s8(w[r, min(c + 16 * u, D - 1)], n=D - c - 16 * u), sc, acc[u])
+                    code = pk.f32x16.load_s8(w[r, min(c + 16 * u, D - 1)], n=D - c - 16 * u) + 128.0
+                    acc[u] = pk.fma(code, sc, acc[u] + bs)
             for u in pk.unroll(4):
                 if c + 16 * u < D:
-                    pk.store(y[b, col0 + t * D + c + 16 * u], acc[u] + bs, n=D - c - 16 * u)
+                    pk.store(y[b, col0 + t * D + c + 16 * u], acc[u], n=D - c - 16 * u)
 
 
 @pk.kernel(space=SPACE, ref=ref_u4)
@@ -154,22 +155,21 @@ def embedding_bag_u4(w4: pk.s8[R, D2], scale: pk.f32[R], bias: pk.f32[R], base: 
         r0 = base[t]
         for c in range(0, 2 * D2, 64):                         # 64 elements = 32 bytes
             acc = pk.tile(pk.f32x16, 4)
-            bs = 0.0
             for j in range(s, e):
                 if PF > 0:
                     pk.prefetch(w4[r0 + indices[min(j + PF, e - 1)], c // 2])
                 r = r0 + indices[j]
                 sc = pk.f32x16.bcast(scale[r])
-                bs = bs + bias[r]
+                bs = pk.f32x16.bcast(bias[r])
                 for g in pk.unroll(2):
                     if c + 32 * g < 2 * D2:
                         v = pk.f32x16.load_s8(w4[r, min(c // 2 + 16 * g, D2 - 16)]) + 128.0
                         hi = pk.to_f32(pk.to_i32((v - 7.5) * 0.0625))
-                        acc[2 * g] = pk.fma(v - hi * 16.0, sc, acc[2 * g])
-                        acc[2 * g + 1] = pk.fma(hi, sc, acc[2 * g + 1])
+                        acc[2 * g] = pk.fma(v - hi * 16.0, sc, acc[2 * g] + bs)
+                        acc[2 * g + 1] = pk.fma(hi, sc, acc[2 * g + 1] + bs)
             for u in pk.unroll(4):
                 if c + 16 * u < 2 * D2:
-                    pk.store(y[b, col0 + t * 2 * D2 + c + 16 * u], acc[u] + bs)
+                    pk.store(y[b, col0 + t * 2 * D2 + c + 16 * u], acc[u])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class PackedTables:
     bits: int                  # 32, 8 or 4
     w: torch.Tensor            # f32 [R, D] | s8 [R, D] | s8 [R, D/2]
     scale: torch.Tensor | None  # f32 [R] (8/4-bit)
-    bias: torch.Tensor | None   # f32 [R]: the kernel's bias (int8: with the +128 folded in)
+    bias: torch.Tensor | None   # f32 [R] (8/4-bit): torch's row bias (the value of code 0)
     base: torch.Tensor         # i64 [T]: first row of each table
     rows: tuple                # rows of each table
     dim: int
@@ -252,7 +252,7 @@ def pack_f32(tables) -> PackedTables:
 def pack_s8(q_u8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rows) -> PackedTables:
     """From u8 codes (all tables concatenated) with torch-format scale and bias."""
     w = (q_u8.to(torch.int16) - 128).to(torch.int8).contiguous()
-    return PackedTables(8, w, scale.float().contiguous(), (bias.float() + 128.0 * scale.float()).contiguous(),
+    return PackedTables(8, w, scale.float().contiguous(), bias.float().contiguous(),
                         _bases(rows), tuple(rows), int(w.shape[1]))
 
 

@@ -7,6 +7,11 @@ Activations are u8, per-tensor affine (scale_x, zp_x); weights s8, per-output-ch
     y_f       = acc (scale_x scale_w[n]) + bias[n]                 (ReLU optional)
     y_u8      = clamp(round(y_f / scale_y) + zp_y, 0, 255)          (requantized output)
 
+The u8 epilogue computes the rounding argument with fbgemm's (PyTorch's quantized::linear) float
+operations: (f32(acc) + bias / s) * (s / scale_y) with s = f32(scale_x scale_w[n]), round half to
+even, then + zp_y; the f32 epilogue is fma(f32(acc), s, bias), also fbgemm's. A model quantized
+once thus gives the same u8 codes on both (dlrm/torch_int8.py checks it end to end).
+
 Layout: wp[p, k4, 4 l + j] = w[4 k4 + j, 16 p + l] (zero padded to multiples of 4 rows and 16
 columns), i.e. per 16-column panel, K/4 rows of 64 bytes. One row is one zmm operand of vpdpbusd
 (lane l accumulates the 4 products of k = 4 k4 .. 4 k4 + 3), and 16 consecutive rows are exactly
@@ -121,21 +126,21 @@ def ref_acc(x4, wp, colsum, zp_x) -> torch.Tensor:
     return x @ w - float(zp_x) * cs.to(torch.float64)
 
 
-def ref_requant(acc, scale_w, bias, scale_x, inv_scale_y, zp_y, relu, out_u8: bool):
-    """The epilogue in float64, with the kernels' semantics (multiply by 1/scale_y)."""
+def ref_requant(acc, scale_w, bias, scale_x, scale_y, zp_y, relu, out_u8: bool):
+    """The epilogue in float64 (the kernels round in f32: u8 codes may differ at exact ties)."""
     yf = acc * (float(scale_x) * torch.as_tensor(scale_w).to(torch.float64)) + torch.as_tensor(bias).to(torch.float64)
     if not out_u8:
         return (yf.clamp_min(0) if relu else yf).to(torch.float32)
-    q = torch.round(yf * float(inv_scale_y)) + int(zp_y)
+    q = torch.round(yf / float(scale_y)) + int(zp_y)
     return q.clamp(int(zp_y) if relu else 0, 255).to(torch.uint8)
 
 
 def _ref(out_u8):
-    def ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, inv_scale_y, zp_y, relu, y):
-        return ref_requant(ref_acc(x4, wp, colsum, zp_x), scale_w, bias, scale_x, inv_scale_y, zp_y, relu, out_u8)
+    def ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, y):
+        return ref_requant(ref_acc(x4, wp, colsum, zp_x), scale_w, bias, scale_x, scale_y, zp_y, relu, out_u8)
 
-    def ref_amx(cfg, x4, wp, colsum, scale_w, bias, scale_x, zp_x, inv_scale_y, zp_y, relu, c, y):
-        return ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, inv_scale_y, zp_y, relu, y)
+    def ref_amx(cfg, x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, c, y):
+        return ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, y)
     return ref, ref_amx
 
 
@@ -165,7 +170,7 @@ def _make_vnni(out_u8: bool):
 
     @pk.kernel(space=VNNI_SPACE, ref=ref, key={"M": "pow2"}, name="gemm_u8s8_vnni" + ("" if out_u8 else "_f32"))
     def gemm_u8s8_vnni(x4: pk.i32[M, K4], wp: pk.s8[pk.cdiv(N, 16), K4, 64], colsum: pk.i32[N], scale_w: pk.f32[N],
-                       bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, inv_scale_y: pk.f32, zp_y: pk.i32, relu: pk.i32,
+                       bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, scale_y: pk.f32, zp_y: pk.i32, relu: pk.i32,
                        y: pk.Out[YT[M, N]], *, MR, NV, MC, NS):
         npn = pk.cdiv(N, 16)                                  # weight panels
         nm = pk.cdiv(M, MC)
@@ -194,18 +199,19 @@ def _make_vnni(out_u8: bool):
                         cz = pk.i32x16.load(colsum[jc], n=nv) * zp_x
                         sc = pk.f32x16.load(scale_w[jc], n=nv) * scale_x
                         bi = pk.f32x16.load(bias[jc], n=nv)
-                        if REQUANT:
-                            sc = sc * inv_scale_y
-                            bi = bi * inv_scale_y + zp_y
+                        if REQUANT:                            # fbgemm's order of float operations
+                            bi = bi / sc
+                            sc = sc / scale_y
                             lo = pk.i32x16.bcast(zp_y * relu)          # relu == clamp at the zero point
                         else:
                             lo = pk.f32x16.zeros()
                         for i in pk.unroll(MR):
                             if i0 + i < m1:
-                                v = pk.fma(pk.to_f32(acc[i, j] - cz), sc, bi)
                                 if REQUANT:
-                                    pk.store(y[i0 + i, jc], pk.to_u8(pk.max(pk.to_i32(v), lo)), n=min(nv, 16))
+                                    v = (pk.to_f32(acc[i, j] - cz) + bi) * sc
+                                    pk.store(y[i0 + i, jc], pk.to_u8(pk.max(pk.to_i32(v) + zp_y, lo)), n=min(nv, 16))
                                 else:
+                                    v = pk.fma(pk.to_f32(acc[i, j] - cz), sc, bi)
                                     if relu:
                                         v = pk.max(v, lo)
                                     pk.store(y[i0 + i, jc], v, n=nv)
@@ -239,7 +245,7 @@ def _make_amx(out_u8: bool):
 
     @pk.kernel(space=AMX_SPACE, ref=ref, key={"M": "pow2"}, name="gemm_u8s8_amx" + ("" if out_u8 else "_f32"))
     def gemm_u8s8_amx(cfg: pk.u8[64], x4: pk.i32[M, K4], wp: pk.s8[pk.cdiv(N, 16), K4, 64], colsum: pk.i32[N],
-                      scale_w: pk.f32[N], bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, inv_scale_y: pk.f32,
+                      scale_w: pk.f32[N], bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, scale_y: pk.f32,
                       zp_y: pk.i32, relu: pk.i32, c: pk.i32[pk.cdiv(N, 32), MCS, 32], y: pk.Out[YT[M, N]], *, NC, MC, KC):
         npn = pk.cdiv(N, 16)
         kf = (K4 // 16) * 16                                  # k4 rows done by tiles; the rest by vpdpbusd
@@ -281,9 +287,9 @@ def _make_amx(out_u8: bool):
                         cz = pk.i32x16.load(colsum[jc], n=nv) * zp_x
                         sc = pk.f32x16.load(scale_w[jc], n=nv) * scale_x
                         bi = pk.f32x16.load(bias[jc], n=nv)
-                        if REQUANT:
-                            sc = sc * inv_scale_y
-                            bi = bi * inv_scale_y + zp_y
+                        if REQUANT:                            # fbgemm's order of float operations
+                            bi = bi / sc
+                            sc = sc / scale_y
                             lo = pk.i32x16.bcast(zp_y * relu)
                         else:
                             lo = pk.f32x16.zeros()
@@ -295,10 +301,11 @@ def _make_amx(out_u8: bool):
                                     for k4 in range(kf, K4):
                                         acc = pk.dot4_u8s8(acc, pk.bitcast(pk.i32x16.bcast(x4[r + i, k4]), pk.u8x64),
                                                            pk.s8x64.load(wp[pc, k4, 0]))
-                                    v = pk.fma(pk.to_f32(acc - cz), sc, bi)
                                     if REQUANT:
-                                        pk.store(y[r + i, jc], pk.to_u8(pk.max(pk.to_i32(v), lo)), n=min(nv, 16))
+                                        v = (pk.to_f32(acc - cz) + bi) * sc
+                                        pk.store(y[r + i, jc], pk.to_u8(pk.max(pk.to_i32(v) + zp_y, lo)), n=min(nv, 16))
                                     else:
+                                        v = pk.fma(pk.to_f32(acc - cz), sc, bi)
                                         if relu:
                                             v = pk.max(v, lo)
                                         pk.store(y[r + i, jc], v, n=nv)
@@ -365,8 +372,8 @@ def quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: Pack
     if out is None:
         out = torch.empty(m, n, dtype=torch.uint8 if out_u8 else torch.float32)
     y = out.view(m, n)
-    inv_sy = 1.0 / float(scale_y) if out_u8 else 1.0
-    args = (x4, packed.wp, packed.colsum, packed.scale_w, b, float(scale_x), int(zp_x), inv_sy, int(zp_y), int(bool(relu)))
+    sy = float(scale_y) if out_u8 else 1.0
+    args = (x4, packed.wp, packed.colsum, packed.scale_w, b, float(scale_x), int(zp_x), sy, int(zp_y), int(bool(relu)))
     amx = use_amx(m, k) if backend is None else backend == "amx"
     if amx:
         kern = gemm_u8s8_amx if out_u8 else gemm_u8s8_amx_f32
@@ -392,7 +399,7 @@ def build_problem(M: int, N: int, K: int):
     lin = torch.ao.nn.quantized.dynamic.Linear(K, N)
     xf = (x.float() - zx) * sx
     y = torch.empty(M, N, dtype=torch.uint8)
-    args = (x.view(torch.int32), packed.wp, packed.colsum, packed.scale_w, bias, sx, zx, 1.0 / sy, zy, 0)
+    args = (x.view(torch.int32), packed.wp, packed.colsum, packed.scale_w, bias, sx, zx, sy, zy, 0)
     if use_amx(M, K):
         tune = ((gemm_u8s8_amx, (_amx_cfg(M),) + args + (packed.scratch(M), y)),)
     else:

@@ -161,15 +161,17 @@ def test_pacekern_fp32_matches_torch(micro):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_matches_references(micro, bits):
     """The quantized model three times: pacekern kernels, PyTorch's quantized ops, float64 fake
-    quantization. They differ only where float rounding moves a value across a u8 rounding tie."""
+    quantization. pacekern does fbgemm's float operations at every rounding point (embedding bags,
+    requantization), so it equals PyTorch's ops; float64 differs where rounding moves a value
+    across a u8 rounding tie."""
     spec, src, model, q = micro
-    b = src.batch("eval", 2, 200)
+    b = src.batch("eval", 2, 600)
     p = PacekernDlrm(q, bits)(b)
     t = TorchInt8Dlrm(q, bits)(b)
     f = torch.sigmoid(FakeQuantDlrm(q, bits).logits(b)).float()
-    for other in (t, f):
-        d = (p - other).abs()
-        assert float(d.mean()) < 1e-3 and float(torch.quantile(d, 0.9)) < 1e-3 and float(d.max()) < 2e-2
+    assert float((p - t).abs().max()) <= 1e-6
+    d = (p - f).abs()
+    assert float(d.mean()) < 1e-3 and float(torch.quantile(d, 0.9)) < 1e-3 and float(d.max()) < 2e-2
     pf = model.predict(b)
     assert float((p - pf).abs().mean()) < 0.02                                          # close to fp32
 

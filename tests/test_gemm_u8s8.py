@@ -54,7 +54,7 @@ def kernel_args(c, relu=False):
     """The kernels' positional arguments before the scratch/output."""
     p = g.pack(c["w"], c["scale_w"])
     return p, (c["x"].view(torch.int32), p.wp, p.colsum, p.scale_w, c["bias"], c["scale_x"], c["zp_x"],
-               1.0 / c["scale_y"], c["zp_y"], int(relu))
+               c["scale_y"], c["zp_y"], int(relu))
 
 
 def torch_requant(yf, scale_y, zp_y, relu):
@@ -244,17 +244,19 @@ def _torch_packed(c):
     return torch.ops.quantized.linear_prepack(qw, c["bias"])
 
 
-@pytest.mark.parametrize("m,n,k", [(7, 37, 64), (33, 100, 128)])
-def test_vs_torch_static_quantized_linear(m, n, k):
-    """torch.ops.quantized.linear (static, u8 out): equal up to +-1 (rounding of ties; fbgemm
-    computes the requantization in its own order)."""
+@pytest.mark.parametrize("m,n,k", [(7, 37, 64), (33, 100, 128), (300, 256, 512)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_vs_torch_static_quantized_linear(m, n, k, relu):
+    """torch.ops.quantized.linear(_relu) (static, u8 out): the same codes, bit for bit (the
+    epilogue does fbgemm's float operations in fbgemm's order), on the VNNI and AMX paths."""
     c = make_case(m, n, k, seed=21)
     qx = torch._make_per_tensor_quantized_tensor(c["x"], c["scale_x"], c["zp_x"])
-    want = torch.ops.quantized.linear(qx, _torch_packed(c), c["scale_y"], c["zp_y"]).int_repr()
-    got = g.quantized_linear(c["x"], c["scale_x"], c["zp_x"], g.pack(c["w"], c["scale_w"]), c["bias"],
-                             scale_y=c["scale_y"], zp_y=c["zp_y"])
-    assert_u8_close(got, want)
-    assert float((got != want).float().mean()) < 0.01
+    op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
+    want = op(qx, _torch_packed(c), c["scale_y"], c["zp_y"]).int_repr()
+    for backend in ["vnni", "amx"] if pk.target().level == "amx" else ["vnni"]:
+        got = g.quantized_linear(c["x"], c["scale_x"], c["zp_x"], g.pack(c["w"], c["scale_w"]), c["bias"],
+                                 scale_y=c["scale_y"], zp_y=c["zp_y"], relu=relu, backend=backend)
+        assert torch.equal(got, want), f"{backend}: {int((got != want).sum())} codes differ"
 
 
 @pytest.mark.parametrize("m,n,k", [(7, 37, 64), (33, 100, 128)])
