@@ -53,6 +53,13 @@ MODELS = {m.name: m for m in [
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# Draft models trained by us (experiments/pard_train.py) and shipped in the package: only the tensors
+# they train; the rest (the embedding) comes from the target named in their config (`pard_embed_from`).
+DRAFTS_DIR = Path(__file__).parent / "drafts"
+DRAFTS = {"smollm2-135m-instruct-pard": "PARD draft for smollm2-135m-instruct (its layers 0-3, 28, 29, retrained; "
+                                        "shares the target's embedding)"}
+DEFAULT_PARD_DRAFT = {"smollm2-135m-instruct": "smollm2-135m-instruct-pard"}
+
 
 class ModelError(ValueError):
     """A model that cannot be found, fetched, verified or converted; the message says which and why."""
@@ -152,6 +159,8 @@ def resolve(name_or_path: str | os.PathLike | None) -> Path:
             raise ModelError(f"GGUF file {p} does not exist")
         digest = sha256_file(p)[:16]
         return convert_gguf(p.resolve(), models_dir() / f"gguf-{p.stem}-{digest}" / "hf")
+    if name in DRAFTS:
+        return DRAFTS_DIR / name
     if name in MODELS:
         src = MODELS[name]
         return convert_gguf(fetch_gguf(src), models_dir() / src.name / "hf")
@@ -162,7 +171,7 @@ def resolve(name_or_path: str | os.PathLike | None) -> Path:
         except Exception as e:                              # offline machines end here
             raise ModelError(f"'{name}' is not in the catalogue ({', '.join(MODELS)}) and the hub is not "
                              f"reachable: {type(e).__name__}: {str(e)[:200]}") from None
-    raise ModelError(f"unknown model '{name}': not a catalogue name ({', '.join(MODELS)}), "
+    raise ModelError(f"unknown model '{name}': not a catalogue name ({', '.join([*MODELS, *DRAFTS])}), "
                      f"a local Hugging Face directory, a .gguf file, or a hub id (org/name)")
 
 
@@ -173,4 +182,7 @@ def status() -> list:
         d = models_dir() / m.name
         state = "converted" if (d / "hf" / "config.json").exists() else ("downloaded" if (d / f"{m.name}.gguf").exists() else "-")
         rows.append((m.name, m.size_mb, state, m.about))
+    for name, about in DRAFTS.items():
+        f = DRAFTS_DIR / name / "model.safetensors"
+        rows.append((name, round(f.stat().st_size / 2**20) if f.exists() else 0, "shipped" if f.exists() else "-", about))
     return rows

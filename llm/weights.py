@@ -160,6 +160,24 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
                             o=Linear.make(get(p + "self_attn.o_proj.weight"), fmt),
                             ln2=norm_w(p + "post_attention_layernorm.weight"), gate_up=Linear.make(gate_up, fmt),
                             down=Linear.make(get(p + "mlp.down_proj.weight"), fmt)))
-    embed = get("model.embed_tokens.weight").float().contiguous()
+    if "model.embed_tokens.weight" not in tensors and "model.embed_tokens.extra" in tensors:
+        embed = torch.cat([shared_embedding(d), get("model.embed_tokens.extra")]).float().contiguous()
+    else:
+        embed = get("model.embed_tokens.weight").float().contiguous()
     head = embed if spec.tie_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
     return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), Linear.make(head, fmt))
+
+
+def shared_embedding(d: Path) -> torch.Tensor:
+    """The embedding a draft shares with its target (config `pard_embed_from`: catalogue name or
+    directory); the draft stores only the rows it adds (`model.embed_tokens.extra`)."""
+    from safetensors import safe_open
+    from .models import resolve
+    src = json.loads((Path(d) / "config.json").read_text()).get("pard_embed_from")
+    if src is None:
+        raise ValueError(f"{d}: has model.embed_tokens.extra but its config.json has no `pard_embed_from`")
+    for f in sorted(resolve(src).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if "model.embed_tokens.weight" in st.keys():
+                return st.get_tensor("model.embed_tokens.weight")
+    raise ValueError(f"{d}: `pard_embed_from` {src} has no model.embed_tokens.weight")

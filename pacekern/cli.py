@@ -129,6 +129,11 @@ def cmd_generate(args):
     spec = None
     if getattr(args, "pard", None) or getattr(args, "draft", None):
         from pacekern.llm import DraftModelSpecDecodeConfig, PardSpecDecodeConfig
+        from llm.models import DEFAULT_MODEL, DEFAULT_PARD_DRAFT
+        if args.pard == "default":
+            args.pard = DEFAULT_PARD_DRAFT.get(args.model or DEFAULT_MODEL)
+            if args.pard is None:
+                sys.exit(f"pacekern generate: no shipped PARD draft for {args.model}; pass one: --pard DRAFT")
         spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 12) if args.pard
                 else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4))
     try:
@@ -163,7 +168,8 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--pard", metavar="DRAFT", default=None, help="speculative decoding with a PARD draft (greedy)")
+    p.add_argument("--pard", metavar="DRAFT", nargs="?", const="default", default=None,
+                   help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 12, draft model: 4)")
 
