@@ -7,10 +7,12 @@ Activations are u8, per-tensor affine (scale_x, zp_x); weights s8, per-output-ch
     y_f       = acc (scale_x scale_w[n]) + bias[n]                 (ReLU optional)
     y_u8      = clamp(round(y_f / scale_y) + zp_y, 0, 255)          (requantized output)
 
-The u8 epilogue computes the rounding argument with fbgemm's (PyTorch's quantized::linear) float
-operations: (f32(acc) + bias / s) * (s / scale_y) with s = f32(scale_x scale_w[n]), round half to
-even, then + zp_y; the f32 epilogue is fma(f32(acc), s, bias), also fbgemm's. A model quantized
-once thus gives the same u8 codes on both (dlrm/torch_int8.py checks it end to end).
+The epilogue does fbgemm's (PyTorch's quantized::linear) float operations, so a model quantized
+once gives the same u8 codes on both (dlrm/torch_int8.py checks it end to end). With s[n] =
+f32(scale_x) * scale_w[n] in f32, the kernels take two f32 vectors from `epilogue_factors` (made
+on the host with correctly rounded division: the kernels' fastmath may turn a / b into a * (1/b)):
+    u8 out:   mult = s / scale_y, add = bias / s;  y = round_half_even((f32(acc) + add) * mult) + zp_y
+    f32 out:  mult = s,           add = bias;      y = fma(f32(acc), mult, add)
 
 Layout: wp[p, k4, 4 l + j] = w[4 k4 + j, 16 p + l] (zero padded to multiples of 4 rows and 16
 columns), i.e. per 16-column panel, K/4 rows of 64 bytes. One row is one zmm operand of vpdpbusd
@@ -62,6 +64,17 @@ class PackedLinear:
     n: int
     zero_bias: torch.Tensor = field(repr=False, default=None)
     _scratch: dict = field(repr=False, default_factory=dict)    # (thread id, rows) -> AMX C scratch
+    _factors: dict = field(repr=False, default_factory=dict)    # (scale_x, scale_y) -> (bias, its version, mult, add)
+
+    def factors(self, bias, scale_x: float, scale_y: float | None) -> tuple:
+        """epilogue_factors for this weight, cached while the same bias tensor is unchanged."""
+        key = (float(scale_x), None if scale_y is None else float(scale_y))
+        hit = self._factors.get(key)
+        version = None if bias is None else bias._version
+        if hit is None or hit[0] is not bias or hit[1] != version:
+            mult, add = epilogue_factors(self.scale_w, self.zero_bias if bias is None else bias, scale_x, scale_y)
+            hit = self._factors[key] = (bias, version, mult, add)
+        return hit[2], hit[3]
 
     def scratch(self, m: int) -> torch.Tensor:
         """i32 [cdiv(N, 32), MCS, 32] C accumulators for gemm_u8s8_amx with M = m rows (MCS =
@@ -126,21 +139,31 @@ def ref_acc(x4, wp, colsum, zp_x) -> torch.Tensor:
     return x @ w - float(zp_x) * cs.to(torch.float64)
 
 
-def ref_requant(acc, scale_w, bias, scale_x, scale_y, zp_y, relu, out_u8: bool):
+def epilogue_factors(scale_w, bias, scale_x: float, scale_y: float | None):
+    """(mult, add) f32 [N] for the kernels' epilogue (see the module docstring); scale_y None: f32 out."""
+    s = torch.tensor(float(scale_x), dtype=torch.float32) * torch.as_tensor(scale_w, dtype=torch.float32)
+    b = torch.as_tensor(bias, dtype=torch.float32)
+    if scale_y is None:
+        return s.contiguous(), b.expand_as(s).contiguous()
+    return (s / torch.tensor(float(scale_y), dtype=torch.float32)).contiguous(), (b / s).contiguous()
+
+
+def ref_requant(acc, mult, add, zp_y, relu, out_u8: bool):
     """The epilogue in float64 (the kernels round in f32: u8 codes may differ at exact ties)."""
-    yf = acc * (float(scale_x) * torch.as_tensor(scale_w).to(torch.float64)) + torch.as_tensor(bias).to(torch.float64)
+    mult, add = torch.as_tensor(mult).to(torch.float64), torch.as_tensor(add).to(torch.float64)
     if not out_u8:
+        yf = acc * mult + add
         return (yf.clamp_min(0) if relu else yf).to(torch.float32)
-    q = torch.round(yf / float(scale_y)) + int(zp_y)
+    q = torch.round((acc + add) * mult) + int(zp_y)
     return q.clamp(int(zp_y) if relu else 0, 255).to(torch.uint8)
 
 
 def _ref(out_u8):
-    def ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, y):
-        return ref_requant(ref_acc(x4, wp, colsum, zp_x), scale_w, bias, scale_x, scale_y, zp_y, relu, out_u8)
+    def ref(x4, wp, colsum, mult, add, zp_x, zp_y, relu, y):
+        return ref_requant(ref_acc(x4, wp, colsum, zp_x), mult, add, zp_y, relu, out_u8)
 
-    def ref_amx(cfg, x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, c, y):
-        return ref(x4, wp, colsum, scale_w, bias, scale_x, zp_x, scale_y, zp_y, relu, y)
+    def ref_amx(cfg, x4, wp, colsum, mult, add, zp_x, zp_y, relu, c, y):
+        return ref(x4, wp, colsum, mult, add, zp_x, zp_y, relu, y)
     return ref, ref_amx
 
 
@@ -169,9 +192,8 @@ def _make_vnni(out_u8: bool):
     ref = _ref(out_u8)[0]
 
     @pk.kernel(space=VNNI_SPACE, ref=ref, key={"M": "pow2"}, name="gemm_u8s8_vnni" + ("" if out_u8 else "_f32"))
-    def gemm_u8s8_vnni(x4: pk.i32[M, K4], wp: pk.s8[pk.cdiv(N, 16), K4, 64], colsum: pk.i32[N], scale_w: pk.f32[N],
-                       bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, scale_y: pk.f32, zp_y: pk.i32, relu: pk.i32,
-                       y: pk.Out[YT[M, N]], *, MR, NV, MC, NS):
+    def gemm_u8s8_vnni(x4: pk.i32[M, K4], wp: pk.s8[pk.cdiv(N, 16), K4, 64], colsum: pk.i32[N], mult: pk.f32[N],
+                       add: pk.f32[N], zp_x: pk.i32, zp_y: pk.i32, relu: pk.i32, y: pk.Out[YT[M, N]], *, MR, NV, MC, NS):
         npn = pk.cdiv(N, 16)                                  # weight panels
         nm = pk.cdiv(M, MC)
         nn = pk.cdiv(N, 16 * NV * NS)
@@ -197,11 +219,9 @@ def _make_vnni(out_u8: bool):
                         jc = min(j0 + 16 * j, N - 1)
                         nv = n1 - j0 - 16 * j                 # valid lanes (<= 0: strip past the block)
                         cz = pk.i32x16.load(colsum[jc], n=nv) * zp_x
-                        sc = pk.f32x16.load(scale_w[jc], n=nv) * scale_x
-                        bi = pk.f32x16.load(bias[jc], n=nv)
-                        if REQUANT:                            # fbgemm's order of float operations
-                            bi = bi / sc
-                            sc = sc / scale_y
+                        sc = pk.f32x16.load(mult[jc], n=nv)
+                        bi = pk.f32x16.load(add[jc], n=nv)
+                        if REQUANT:
                             lo = pk.i32x16.bcast(zp_y * relu)          # relu == clamp at the zero point
                         else:
                             lo = pk.f32x16.zeros()
@@ -245,8 +265,8 @@ def _make_amx(out_u8: bool):
 
     @pk.kernel(space=AMX_SPACE, ref=ref, key={"M": "pow2"}, name="gemm_u8s8_amx" + ("" if out_u8 else "_f32"))
     def gemm_u8s8_amx(cfg: pk.u8[64], x4: pk.i32[M, K4], wp: pk.s8[pk.cdiv(N, 16), K4, 64], colsum: pk.i32[N],
-                      scale_w: pk.f32[N], bias: pk.f32[N], scale_x: pk.f32, zp_x: pk.i32, scale_y: pk.f32,
-                      zp_y: pk.i32, relu: pk.i32, c: pk.i32[pk.cdiv(N, 32), MCS, 32], y: pk.Out[YT[M, N]], *, NC, MC, KC):
+                      mult: pk.f32[N], add: pk.f32[N], zp_x: pk.i32, zp_y: pk.i32, relu: pk.i32,
+                      c: pk.i32[pk.cdiv(N, 32), MCS, 32], y: pk.Out[YT[M, N]], *, NC, MC, KC):
         npn = pk.cdiv(N, 16)
         kf = (K4 // 16) * 16                                  # k4 rows done by tiles; the rest by vpdpbusd
         mc = min(MC, MCS)                                     # rows per block: the scratch holds MCS (multiple of 32)
@@ -285,11 +305,9 @@ def _make_amx(out_u8: bool):
                         nv = N - j0 - 16 * cc
                         pc = min(j0 // 16 + cc, npn - 1)
                         cz = pk.i32x16.load(colsum[jc], n=nv) * zp_x
-                        sc = pk.f32x16.load(scale_w[jc], n=nv) * scale_x
-                        bi = pk.f32x16.load(bias[jc], n=nv)
-                        if REQUANT:                            # fbgemm's order of float operations
-                            bi = bi / sc
-                            sc = sc / scale_y
+                        sc = pk.f32x16.load(mult[jc], n=nv)
+                        bi = pk.f32x16.load(add[jc], n=nv)
+                        if REQUANT:
                             lo = pk.i32x16.bcast(zp_y * relu)
                         else:
                             lo = pk.f32x16.zeros()
@@ -367,13 +385,14 @@ def quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: Pack
         xp[:, :k] = x
         x = xp
     x4 = x.contiguous().view(torch.int32)
-    b = packed.zero_bias if bias is None else torch.as_tensor(bias, dtype=torch.float32).contiguous()
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype == torch.float32):
+        bias = torch.as_tensor(bias, dtype=torch.float32)
     out_u8 = scale_y is not None
     if out is None:
         out = torch.empty(m, n, dtype=torch.uint8 if out_u8 else torch.float32)
     y = out.view(m, n)
-    sy = float(scale_y) if out_u8 else 1.0
-    args = (x4, packed.wp, packed.colsum, packed.scale_w, b, float(scale_x), int(zp_x), sy, int(zp_y), int(bool(relu)))
+    mult, add = packed.factors(bias, scale_x, scale_y)
+    args = (x4, packed.wp, packed.colsum, mult, add, int(zp_x), int(zp_y), int(bool(relu)))
     amx = use_amx(m, k) if backend is None else backend == "amx"
     if amx:
         kern = gemm_u8s8_amx if out_u8 else gemm_u8s8_amx_f32
@@ -399,7 +418,7 @@ def build_problem(M: int, N: int, K: int):
     lin = torch.ao.nn.quantized.dynamic.Linear(K, N)
     xf = (x.float() - zx) * sx
     y = torch.empty(M, N, dtype=torch.uint8)
-    args = (x.view(torch.int32), packed.wp, packed.colsum, packed.scale_w, bias, sx, zx, sy, zy, 0)
+    args = (x.view(torch.int32), packed.wp, packed.colsum, *epilogue_factors(scale_w, bias, sx, sy), zx, zy, 0)
     if use_amx(M, K):
         tune = ((gemm_u8s8_amx, (_amx_cfg(M),) + args + (packed.scratch(M), y)),)
     else:

@@ -50,11 +50,11 @@ def make_case(m, n, k, seed=0):
     return dict(x=x, w=w, scale_x=scale_x, zp_x=zp_x, scale_w=scale_w, bias=bias, scale_y=scale_y, zp_y=min(zp_y, 255))
 
 
-def kernel_args(c, relu=False):
+def kernel_args(c, relu=False, out_u8=True):
     """The kernels' positional arguments before the scratch/output."""
     p = g.pack(c["w"], c["scale_w"])
-    return p, (c["x"].view(torch.int32), p.wp, p.colsum, p.scale_w, c["bias"], c["scale_x"], c["zp_x"],
-               c["scale_y"], c["zp_y"], int(relu))
+    factors = g.epilogue_factors(c["scale_w"], c["bias"], c["scale_x"], c["scale_y"] if out_u8 else None)
+    return p, (c["x"].view(torch.int32), p.wp, p.colsum, *factors, c["zp_x"], c["zp_y"], int(relu))
 
 
 def torch_requant(yf, scale_y, zp_y, relu):
@@ -102,7 +102,7 @@ def test_vnni_u8(m, n, k, relu):
 @pytest.mark.parametrize("relu", [False, True])
 def test_vnni_f32(m, n, k, relu):
     c = make_case(m, n, k, seed=3 * m + n + k)
-    _, a = kernel_args(c, relu)
+    _, a = kernel_args(c, relu, out_u8=False)
     pk.check(g.gemm_u8s8_vnni_f32, *a, torch.empty(m, n))
 
 
@@ -123,7 +123,7 @@ AMX_SHAPES = [(1, 16, 64), (7, 37, 64), (17, 20, 72)] if INTERP else \
 @pytest.mark.parametrize("out_u8", [True, False])
 def test_amx(m, n, k, out_u8):
     c = make_case(m, n, k, seed=m * n + k)
-    p, a = kernel_args(c, relu=(m % 2 == 1))
+    p, a = kernel_args(c, relu=(m % 2 == 1), out_u8=out_u8)
     y = torch.empty(m, n, dtype=torch.uint8 if out_u8 else torch.float32)
     pk.check(g.gemm_u8s8_amx if out_u8 else g.gemm_u8s8_amx_f32, g.amx_config_bytes(m), *a, p.scratch(m), y)
 
