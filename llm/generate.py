@@ -70,6 +70,7 @@ class LLMModel:
         self.spec = ModelSpec.from_dir(self.path)
         self.fmt = "int8" if weights == "int8" else DTYPES[dtype]
         self.weights = load(self.path, self.spec, self.fmt)
+        self.draft_only = self.weights.head_ids is not None     # its head scores a subset of the vocabulary
         self.cache = KVCache(self.spec, kv_cache or KVCacheConfig())
         self.model = Transformer(self.weights, self.cache, opconfig or OpConfig())
         eos = set(self.spec.eos_ids)
@@ -93,14 +94,19 @@ class LLMModel:
             raise TypeError(f"pard_config must be a PardSpecDecodeConfig or DraftModelSpecDecodeConfig, not {type(sc).__name__}")
         if not 1 <= sc.num_speculative_tokens <= 32:
             raise ValueError(f"num_speculative_tokens={sc.num_speculative_tokens}: choose 1 .. 32")
-        draft = LLMModel(sc.model_name_or_path, tokenizer_name_or_path=str(self.path), dtype=dtype, weights=weights,
-                         opconfig=opconfig)
+        draft = LLMModel(sc.model_name_or_path, tokenizer_name_or_path=str(self.path), dtype=dtype,
+                         weights=sc.weights or weights, opconfig=opconfig)
         if draft.spec.vocab < len(self.tokenizer):
             raise ValueError(f"the draft's vocabulary ({draft.spec.vocab}) is smaller than the target tokenizer's "
                              f"({len(self.tokenizer)}): not a draft for this model")
         if isinstance(sc, sd.PardSpecDecodeConfig):
             return sd.PardDrafter(draft, sd.pard_token_of(draft.path, sc.pard_token))
         return sd.ModelDrafter(draft)
+
+    def _check_full_head(self):
+        if self.draft_only:
+            raise ValueError(f"{self.path} is a draft whose head scores only {self.weights.lm_head.n} tokens: "
+                             f"use it as a drafter (pard_config=PardSpecDecodeConfig(...)), not on its own")
 
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt) -> list:
@@ -141,6 +147,7 @@ class LLMModel:
 
     def logits(self, ids) -> torch.Tensor:
         """Logits [T, V] for every position of one token sequence (no cache kept): perplexity, tests."""
+        self._check_full_head()
         ids = self.encode(ids)
         s0 = self.cache.alloc(1, len(ids))
         try:
@@ -170,6 +177,7 @@ class LLMModel:
                 yield ev[2]
 
     def _run(self, prompts, sampling_config):
+        self._check_full_head()
         cfg = (sampling_config or SamplingConfig()).resolved(self.path)
         rows, single = self._batch(prompts)
         b = len(rows)

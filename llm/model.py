@@ -78,7 +78,7 @@ class Transformer:
         qkv, q, attn = torch.empty(b, t, s.qkv_heads, d), torch.empty(b, t, nh, d), torch.empty(b, t, nh, d)
         gu, act = torch.empty(r, 2 * f), torch.empty(r, f)
         rl = r if all_logits else b
-        logits, nxt = torch.empty(rl, s.vocab), torch.empty(rl, dtype=torch.int64)
+        logits, nxt = torch.empty(rl, w.lm_head.n), torch.empty(rl, dtype=torch.int64)
         emb = w.embed
 
         def embed():
@@ -101,7 +101,12 @@ class Transformer:
             last_buf = torch.empty(b, h)
             calls.append(lambda: last_buf.copy_(hn.view(b, t, h)[:, -1]))
             last = last_buf
-        calls += [op("linear")(w.lm_head, last, logits), op("argmax")(logits, nxt)]
+        calls.append(op("linear")(w.lm_head, last, logits))
+        if w.head_ids is None:
+            calls.append(op("argmax")(logits, nxt))
+        else:                                                       # a draft's reduced head: row -> token id
+            row = torch.empty(rl, dtype=torch.int64)
+            calls += [op("argmax")(logits, row), lambda: torch.index_select(w.head_ids, 0, row, out=nxt)]
         return Plan(ids, start, logits, nxt, calls, self.cache.version)
 
     def forward(self, ids: torch.Tensor, slot0: int = 0, all_logits: bool = False) -> Plan:

@@ -127,7 +127,8 @@ class Weights:
     embed: torch.Tensor       # f32 [V, H]
     layers: list
     norm: torch.Tensor        # f32 [H]
-    lm_head: Linear           # [V, H]
+    lm_head: Linear           # [V, H], or [N, H] for a draft that proposes only N tokens
+    head_ids: torch.Tensor | None = None   # i64 [N]: the token id of each head row (None: row = id)
 
 
 def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
@@ -165,7 +166,13 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
     else:
         embed = get("model.embed_tokens.weight").float().contiguous()
     head = embed if spec.tie_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
-    return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), Linear.make(head, fmt))
+    head_ids = tensors.pop("lm_head.ids", None)         # a draft's reduced head: the tokens it can propose
+    if head_ids is not None:
+        head_ids = head_ids.long().contiguous()
+        if head_ids.ndim != 1 or not 0 <= int(head_ids.min()) <= int(head_ids.max()) < spec.vocab:
+            raise ValueError(f"{d}: lm_head.ids must be token ids in 0 .. {spec.vocab - 1}")
+        head = head[head_ids]
+    return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), Linear.make(head.contiguous(), fmt), head_ids)
 
 
 def shared_embedding(d: Path) -> torch.Tensor:

@@ -134,8 +134,9 @@ def cmd_generate(args):
             args.pard = DEFAULT_PARD_DRAFT.get(args.model or DEFAULT_MODEL)
             if args.pard is None:
                 sys.exit(f"pacekern generate: no shipped PARD draft for {args.model}; pass one: --pard DRAFT")
-        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 12) if args.pard
-                else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4))
+        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 12, weights=args.draft_weights)
+                if args.pard else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4,
+                                                             weights=args.draft_weights))
     try:
         model = LLMModel(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads, pard_config=spec)
     except (ModelError, ValueError) as e:
@@ -172,6 +173,7 @@ def _generate_args(p, prompt_default=None):
                    help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 12, draft model: 4)")
+    p.add_argument("--draft-weights", default=None, choices=["native", "int8"], help="the draft's weights (default: as --weights)")
 
 
 def cmd_demo(args):
