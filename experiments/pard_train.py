@@ -420,7 +420,7 @@ def save_draft(model, args, target_dir: Path, data: dict, history: list):
             "final_val": next((h["val"] for h in reversed(history) if "val" in h), None),
             "prompts": {split: [{k: p[k] for k in ("kind", "source", "passage", "text")} for p in data["prompts"][split]]
                         for split in ("train", "heldout")},      # train: every prompt made, used or not
-            "train_sequences": sum(k.startswith("train/") for k in data["seqs"]),
+            "train_sequences": sum(k.startswith("train/") for k in data.get("seqs", {})),
             "heldout_passages": data["prompts"]["heldout_passages"]}
     write_json(tmp / "pard_train.json", meta)
     (tmp / "README.md").write_text(

@@ -136,7 +136,7 @@ def test_shipped_draft_loads_as_the_trained_model(tmp_path):
     with torch.no_grad():
         d.pard_mask_row.normal_()                                      # as if trained
     args = type("A", (), {"out": str(tmp_path / "d"), "save_dtype": "float32", "target": str(tmp_path / "t"),
-                          "layers": [0, 2]})()
+                          "layers": [0, 2], "head_tokens": 0})()
     data = {"prompts": {"train": [], "heldout": [], "heldout_passages": []}}
     pt.save_draft(d, args, tmp_path / "t", data, [])
     saved = json.loads((tmp_path / "d" / "config.json").read_text())

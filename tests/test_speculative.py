@@ -128,3 +128,66 @@ def test_cli_pard_without_pard_token(model, capsys):
     from pacekern.cli import main
     with pytest.raises(SystemExit, match="pard_token"):
         main(["generate", "hi", "--dtype", "float32", "--pard", str(model.path), "--max-new-tokens", "2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the PARD draft we ship (experiments/pard_train.py): layers + mask row, sharing the target's
+# embedding, proposing only the tokens of its reduced head
+
+SHIPPED = "smollm2-135m-instruct-pard"
+
+
+def heldout(n):
+    """Prompts from passages split off before the draft's training data was generated."""
+    import json
+    from llm.models import resolve
+    meta = json.loads((resolve(SHIPPED) / "pard_train.json").read_text())
+    return [[{"role": "user", "content": p["text"]}] if p["kind"] == "chat" else p["text"]
+            for p in meta["prompts"]["heldout"][-n:]]
+
+
+@pytest.fixture(scope="module")
+def shipped(model):
+    m = LLMModel(dtype="float32", pard_config=PardSpecDecodeConfig(SHIPPED, num_speculative_tokens=4))
+    return m, m.drafter
+
+
+def test_shipped_draft_is_lossless_and_drafts_from_its_head(shipped):
+    m, drafter = shipped
+    ids = set(drafter.llm.weights.head_ids.tolist())
+    assert 0 < len(ids) < m.spec.vocab and drafter.mask not in ids
+    seen = []
+    propose = drafter.propose
+    drafter.propose = lambda i, k: seen.append(propose(i, k)) or seen[-1]
+    try:
+        prompts = heldout(2)
+        m.set_drafter(drafter, 4)
+        outs = m.generate(prompts, SamplingConfig(max_new_tokens=32))
+        assert [o.token_ids for o in outs] == greedy(m, prompts, 32)
+        assert seen and all(t in ids for d in seen for t in d)
+        assert all(o.metrics.mean_accepted_per_round > 1.0 for o in outs)       # it does get drafts accepted
+    finally:
+        drafter.propose = propose
+
+
+def test_reduced_head_draft_cannot_generate_on_its_own(shipped):
+    _, drafter = shipped
+    with pytest.raises(ValueError, match="drafter"):
+        drafter.llm.generate("Hello", SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.heavy
+def test_shipped_draft_acceptance_on_unseen_prompts(shipped):
+    """Tokens committed per round at K=4 on held-out prompts, and lossless. The issue's bar is 2.0;
+    the shipped draft measures 1.69 (its README: 693 training sequences, 350 steps on 2 cores), so
+    this guards against regressions of the draft and of the loop, and does not claim the bar."""
+    m, drafter = shipped
+    prompts = heldout(8)
+    truth = greedy(m, prompts, 128)
+    m.set_drafter(drafter, 4)
+    outs = [m.generate(p, SamplingConfig(max_new_tokens=128)) for p in prompts]
+    assert [o.token_ids for o in outs] == truth
+    rounds = sum(o.metrics.rounds for o in outs)
+    per_round = sum(o.metrics.mean_accepted_per_round * o.metrics.rounds for o in outs) / rounds
+    print(f"shipped PARD draft, K=4, 8 held-out prompts: {per_round:.2f} tokens per round")
+    assert per_round >= 1.6

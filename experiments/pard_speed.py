@@ -1,0 +1,80 @@
+"""PARD speculative decoding against plain decoding, end to end, on prompts the draft never saw.
+
+    ./run python experiments/pard_speed.py                       # shipped SmolLM2 draft, K = 2, 4, 6, 8
+    ./run python experiments/pard_speed.py --k 4 --prompts 8 --weights int8
+
+The draft (`smollm2-135m-instruct-pard`, made by experiments/pard_train.py) lists its training and
+held-out prompts in pard_train.json; this script uses only the held-out ones (their passages of
+Botchan / the Lee corpus were split off before any training text was generated). For every prompt,
+plain greedy decoding and PARD at each K run back to back (interleaved, so machine noise hits all
+alike); the output must be token for token the same. Printed: decode tokens/s (medians over
+prompts), the speed-up over plain decoding, accepted drafts and committed tokens per round.
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pacekern.llm import LLMModel, PardSpecDecodeConfig, SamplingConfig   # noqa: E402
+from llm.models import resolve                                              # noqa: E402
+
+
+def heldout_prompts(draft: str, n: int) -> list:
+    meta = json.loads((resolve(draft) / "pard_train.json").read_text())
+    out = []
+    for p in meta["prompts"]["heldout"][-n:]:                  # the last ones: not the validation set either
+        out.append([{"role": "user", "content": p["text"]}] if p["kind"] == "chat" else p["text"])
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--draft", default="smollm2-135m-instruct-pard")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--k", default="2,4,6,8", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--weights", default="native", choices=["native", "int8"])
+    ap.add_argument("--draft-weights", default=None, choices=["native", "int8"], help="default: as --weights")
+    args = ap.parse_args(argv)
+
+    m = LLMModel(args.model, dtype=args.dtype, weights=args.weights,
+                 pard_config=PardSpecDecodeConfig(args.draft, num_speculative_tokens=max(args.k), weights=args.draft_weights))
+    drafter = m.drafter
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    prompts = heldout_prompts(args.draft, args.prompts)
+    for k in [0] + args.k:                                             # warm-up: plans and kernels of every shape
+        m.set_drafter(drafter if k else None, k)
+        m.generate(prompts[0], SamplingConfig(max_new_tokens=16))
+    speed = {k: [] for k in [0] + args.k}
+    accepted = {k: [] for k in args.k}
+    for n, prompt in enumerate(prompts):
+        m.set_drafter(None, 0)
+        ref = m.generate(prompt, cfg)
+        speed[0].append(ref.metrics.decode_tokens_per_s)
+        for k in args.k:
+            m.set_drafter(drafter, k)
+            out = m.generate(prompt, cfg)
+            if out.token_ids != ref.token_ids:
+                raise AssertionError(f"prompt {n}, K={k}: PARD output differs from plain greedy decoding")
+            speed[k].append(out.metrics.decode_tokens_per_s)
+            accepted[k].append(out.metrics.mean_accepted_per_round)
+        print(f"prompt {n}: {len(ref.token_ids)} tokens, plain {speed[0][-1]:.1f} tok/s, " + ", ".join(
+            f"K={k} {speed[k][-1]:.1f} ({accepted[k][-1]:.2f}/round)" for k in args.k), flush=True)
+    base = statistics.median(speed[0])
+    print(f"\n{args.model} {m.fmt}, draft {args.draft} {drafter.llm.fmt}, {len(prompts)} held-out prompts x {args.max_new_tokens} "
+          f"tokens, outputs identical to plain greedy decoding")
+    print(f"{'':8s} {'tok/s':>7s} {'x plain':>8s} {'drafts accepted/round':>22s} {'tokens/round':>13s}")
+    print(f"{'plain':8s} {base:7.1f} {1.0:8.2f}")
+    for k in args.k:
+        s, a = statistics.median(speed[k]), statistics.mean(accepted[k])
+        ratio = statistics.median(x / y for x, y in zip(speed[k], speed[0]))
+        print(f"{'K=' + str(k):8s} {s:7.1f} {ratio:8.2f} {a - 1:22.2f} {a:13.2f}")
+
+
+if __name__ == "__main__":
+    main()
