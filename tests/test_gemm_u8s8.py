@@ -293,7 +293,8 @@ def test_asm():
         return
     loop = _loop_with(rep, "vpdpbusd")
     cfg = g.VNNI_SPACE.default_config()
-    assert len(re.findall(r"\bvpdpbusd\b", loop)) == cfg.MR * cfg.NV
+    n = len(re.findall(r"\bvpdpbusd\b", loop))        # the MR x NV tile, once or unrolled by LLVM (on some hosts, x2)
+    assert n > 0 and n % (cfg.MR * cfg.NV) == 0, (n, cfg)
     assert "%zmm" in loop and "%ymm" not in loop
     spills = [l for l in loop.splitlines() if re.search(r"%[xyz]mm\d+", l) and re.search(r"\(%r[sb]p\)", l)]
     assert not spills, spills
