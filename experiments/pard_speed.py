@@ -11,7 +11,6 @@ alike); the output must be token for token the same. Printed: decode tokens/s (m
 prompts), the speed-up over plain decoding, accepted drafts and committed tokens per round.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -19,15 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pacekern.llm import LLMModel, PardSpecDecodeConfig, SamplingConfig   # noqa: E402
-from llm.models import resolve                                              # noqa: E402
-
-
-def heldout_prompts(draft: str, n: int) -> list:
-    meta = json.loads((resolve(draft) / "pard_train.json").read_text())
-    out = []
-    for p in meta["prompts"]["heldout"][-n:]:                  # the last ones: not the validation set either
-        out.append([{"role": "user", "content": p["text"]}] if p["kind"] == "chat" else p["text"])
-    return out
+from llm.speculative import heldout_prompts                                 # noqa: E402
 
 
 def main(argv=None):

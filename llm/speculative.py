@@ -50,6 +50,15 @@ def pard_token_of(path: Path, given: int | None) -> int:
     return int(tok)
 
 
+def heldout_prompts(draft, n: int) -> list:
+    """The last n held-out prompts of a draft made by experiments/pard_train.py (its pard_train.json):
+    from passages split off before any training text was generated, and not its validation set."""
+    from .models import resolve
+    meta = json.loads((resolve(draft) / "pard_train.json").read_text())
+    return [[{"role": "user", "content": p["text"]}] if p["kind"] == "chat" else p["text"]
+            for p in meta["prompts"]["heldout"][-n:]]
+
+
 class PardDrafter:
     def __init__(self, llm, mask_id: int):
         self.llm, self.mask = llm, mask_id

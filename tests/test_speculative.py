@@ -138,12 +138,8 @@ SHIPPED = "smollm2-135m-instruct-pard"
 
 
 def heldout(n):
-    """Prompts from passages split off before the draft's training data was generated."""
-    import json
-    from llm.models import resolve
-    meta = json.loads((resolve(SHIPPED) / "pard_train.json").read_text())
-    return [[{"role": "user", "content": p["text"]}] if p["kind"] == "chat" else p["text"]
-            for p in meta["prompts"]["heldout"][-n:]]
+    from llm.speculative import heldout_prompts
+    return heldout_prompts(SHIPPED, n)
 
 
 @pytest.fixture(scope="module")
