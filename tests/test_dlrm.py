@@ -288,3 +288,28 @@ def test_movielens_interface():
     b = next(ml.stream("train", 100, 100))
     assert b.size == 100 and b.dense.shape == (100, 13) and bool(torch.isfinite(b.dense).all())
     assert set(ml.splits["train"].tolist()).isdisjoint(ml.splits["eval"].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# the accuracy bars on trained models (heavy: ~1 minute of training each on 2 cores). The full
+# measurement is `pacekern dlrm eval --rows 1000000` (see README); these keep a guard on it.
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("data", ["synthetic", "movielens"])
+def test_int8_auc_bars_on_trained_model(data):
+    from dlrm.evaluate import AUC_RATIO_INT4, AUC_RATIO_INT8, evaluate_all
+    if data == "synthetic":
+        src = SyntheticCTR(DlrmSpec.preset("small"), seed=0)
+        eval_rows = 131_072
+    else:
+        from dlrm.movielens import MovieLens100k
+        src = MovieLens100k(seed=0)
+        eval_rows = 15_000
+    model, _ = train(src, TrainConfig(rows=100_000, batch=512, eval_rows=0), progress=False)
+    q = quantize(model, src.stream("calib", 32_768, 4096), progress=False)
+    rep = evaluate_all(model, q, src.stream("eval", eval_rows, 4096), match_rows=8192, progress=False)
+    print(rep.table())
+    assert rep.auc["fp32"] > 0.68                                   # a trained model, not a random one
+    assert rep.ratio("pacekern-int8") >= AUC_RATIO_INT8
+    assert rep.ratio("pacekern-int4") >= AUC_RATIO_INT4
+    assert rep.diff_vs_torch_int8["max"] <= 1e-3
