@@ -20,7 +20,9 @@ Row formats (dequantized value of element j of row r):
 
 Per (b, t) bag the kernel walks the ids once per 64-element column chunk (one cache line of an
 int8 row, half a line of a 4-bit row, a quarter of an fp32 row), 4 f32x16 accumulators, with a
-software prefetch of the row PF ids ahead. Each row is added as acc = fma(code, s, acc + b), the
+software prefetch of the row PF ids ahead, and, before a bag starts, of the first PF + 1 rows of
+the bag PB bags later (most bags hold 1-3 ids, so in-bag prefetch alone leaves them to DRAM
+latency). Each row is added as acc = fma(code, s, acc + b), the
 very float operations of fbgemm's (PyTorch's) quantized embedding bags, so the pooled sums are
 bit-identical to torch's and a quantized model gives the same u8 codes downstream. Threads split
 the B x T bags sample-major, so each thread gets whole samples (table 20's 100-id bags spread
@@ -93,18 +95,25 @@ def ref_u4(w4, scale, bias, base, indices, offsets, col0, y):
 # ---------------------------------------------------------------------------------------------
 # kernels
 
-SPACE = pk.Space(PF=pk.choice(0, 4, 8, 16), default=dict(PF=8))
+SPACE = pk.Space(PF=pk.choice(0, 4, 8, 16), PB=pk.choice(0, 1, 2, 4), default=dict(PF=8, PB=1))
 
 
 @pk.kernel(space=SPACE, ref=ref_f32)
 def embedding_bag_f32(w: pk.f32[R, D], base: pk.i64[T], indices: pk.i32[NNZ], offsets: pk.i32[NO], col0: pk.i32,
-                      y: pk.Out[pk.f32[B, YW]], *, PF):
+                      y: pk.Out[pk.f32[B, YW]], *, PF, PB):
     for i in pk.prange(0, B * T):                              # bag (b, t), sample-major
         b = i // T
         t = i % T
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
+        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
+            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
+            tn = (i + PB) % T                                 # reaches them)
+            sn = offsets[tn * B + bn]
+            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
+                for c in range(0, D, 16):
+                    pk.prefetch(w[base[tn] + indices[j], c])
         for c in range(0, D, 64):                              # 64-element column chunks
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):
@@ -120,13 +129,20 @@ def embedding_bag_f32(w: pk.f32[R, D], base: pk.i64[T], indices: pk.i32[NNZ], of
 
 @pk.kernel(space=SPACE, ref=ref_s8)
 def embedding_bag_s8(w: pk.s8[R, D], scale: pk.f32[R], bias: pk.f32[R], base: pk.i64[T], indices: pk.i32[NNZ],
-                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF):
+                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF, PB):
     for i in pk.prange(0, B * T):
         b = i // T
         t = i % T
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
+        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
+            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
+            tn = (i + PB) % T                                 # reaches them)
+            sn = offsets[tn * B + bn]
+            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
+                for c in range(0, D, 64):
+                    pk.prefetch(w[base[tn] + indices[j], c])
         for c in range(0, D, 64):                              # one cache line of an int8 row
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):
@@ -145,7 +161,7 @@ def embedding_bag_s8(w: pk.s8[R, D], scale: pk.f32[R], bias: pk.f32[R], base: pk
 
 @pk.kernel(space=SPACE, ref=ref_u4)
 def embedding_bag_u4(w4: pk.s8[R, D2], scale: pk.f32[R], bias: pk.f32[R], base: pk.i64[T], indices: pk.i32[NNZ],
-                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF):
+                     offsets: pk.i32[NO], col0: pk.i32, y: pk.Out[pk.f32[B, YW]], *, PF, PB):
     # D = 2 D2 elements a row, D a multiple of 32 (pack_u4 checks)
     for i in pk.prange(0, B * T):
         b = i // T
@@ -153,6 +169,13 @@ def embedding_bag_u4(w4: pk.s8[R, D2], scale: pk.f32[R], bias: pk.f32[R], base: 
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
+        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
+            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
+            tn = (i + PB) % T                                 # reaches them)
+            sn = offsets[tn * B + bn]
+            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
+                for c in range(0, D2, 64):
+                    pk.prefetch(w4[base[tn] + indices[j], c])
         for c in range(0, 2 * D2, 64):                         # 64 elements = 32 bytes
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):

@@ -366,17 +366,14 @@ def use_amx(m: int, k: int) -> bool:
     return pk.target().level == "amx" and m >= 16 and k >= 64
 
 
-def quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: PackedLinear, bias=None, scale_y=None,
-                     zp_y: int = 0, relu: bool = False, out: torch.Tensor | None = None, backend: str | None = None):
-    """y = requant(x_u8 @ w) for x_u8 [..., K] uint8: uint8 [..., N] when scale_y is given
-    (clamp(round(y_f / scale_y) + zp_y, 0, 255)), else float32 y_f. relu applies to y_f.
-    backend: None (AMX at ISA level amx, else VNNI), 'amx' or 'vnni'."""
+def _linear_call(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: PackedLinear, bias, scale_y, zp_y: int,
+                 relu: bool, out: torch.Tensor | None, backend: str | None):
+    """(kernel, args, config, out) of one quantized_linear call (validates the arguments)."""
     if x_u8.dtype != torch.uint8:
         raise TypeError(f"quantized_linear: x_u8 must be uint8, got {x_u8.dtype}")
     k, n = packed.k, packed.n
     if x_u8.shape[-1] != k:
         raise ValueError(f"quantized_linear: x has K={x_u8.shape[-1]}, the packed weight K={k}")
-    lead = x_u8.shape[:-1]
     x = x_u8.reshape(-1, k)
     m = x.shape[0]
     k4 = -(-k // 4)
@@ -393,14 +390,33 @@ def quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: Pack
     y = out.view(m, n)
     mult, add = packed.factors(bias, scale_x, scale_y)
     args = (x4, packed.wp, packed.colsum, mult, add, int(zp_x), int(zp_y), int(bool(relu)))
-    amx = use_amx(m, k) if backend is None else backend == "amx"
-    if amx:
+    if use_amx(m, k) if backend is None else backend == "amx":
         kern = gemm_u8s8_amx if out_u8 else gemm_u8s8_amx_f32
-        kern(_amx_cfg(m), *args, packed.scratch(m), y)
-    else:
-        kern = gemm_u8s8_vnni if out_u8 else gemm_u8s8_vnni_f32
-        kern(*args, y, config=small_m_config(kern, m, n, k4))
-    return out.view(*lead, n)
+        return kern, (_amx_cfg(m), *args, packed.scratch(m), y), None, out
+    kern = gemm_u8s8_vnni if out_u8 else gemm_u8s8_vnni_f32
+    return kern, (*args, y), small_m_config(kern, m, n, k4), out
+
+
+def quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: PackedLinear, bias=None, scale_y=None,
+                     zp_y: int = 0, relu: bool = False, out: torch.Tensor | None = None, backend: str | None = None):
+    """y = requant(x_u8 @ w) for x_u8 [..., K] uint8: uint8 [..., N] when scale_y is given
+    (clamp(round(y_f / scale_y) + zp_y, 0, 255)), else float32 y_f. relu applies to y_f.
+    backend: None (AMX at ISA level amx, else VNNI), 'amx' or 'vnni'."""
+    kern, args, config, out = _linear_call(x_u8, scale_x, zp_x, packed, bias, scale_y, zp_y, relu, out, backend)
+    kern(*args, config=config)
+    return out.view(*x_u8.shape[:-1], packed.n)
+
+
+def prepare_quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, packed: PackedLinear, bias=None,
+                             scale_y=None, zp_y: int = 0, relu: bool = False, out: torch.Tensor | None = None,
+                             backend: str | None = None):
+    """quantized_linear checked and bound once: (zero-argument call, out). The call reruns the GEMM
+    on the same buffers (x_u8 must have K a multiple of 4: no padded copy), at the cost of the
+    bare kernel call; for a pipeline with fixed buffers such as dlrm.infer."""
+    if x_u8.shape[-1] % 4:
+        raise ValueError(f"prepare_quantized_linear: K={x_u8.shape[-1]} is not a multiple of 4 (use quantized_linear)")
+    kern, args, config, out = _linear_call(x_u8, scale_x, zp_x, packed, bias, scale_y, zp_y, relu, out, backend)
+    return kern.prepare(*args, config=config), out.view(*x_u8.shape[:-1], packed.n)
 
 
 def build_problem(M: int, N: int, K: int):
