@@ -209,6 +209,11 @@ def test_batch_sizes_agree(micro):
         bags = [[b.table(t)[0][b.table(t)[1][r]:b.table(t)[1][r + 1]].tolist()] for t in range(26)]
         one = pk8(make_batch(b.dense[r:r + 1], bags))
         assert abs(float(one[0]) - float(full[r])) < 1e-6
+    # the calls prepared for batch size 40 run on their buffers: a second batch of that size
+    # gives what a fresh instance gives, and the first batch again gives its first result
+    other = src.batch("eval", 99, 40)
+    assert torch.equal(pk8(other), PacekernDlrm(q, 8)(other))
+    assert torch.equal(pk8(b), full)
 
 
 @pytest.mark.skipif(INTERP, reason="the MLPerf-width model takes minutes per forward in the NumPy interpreter")
