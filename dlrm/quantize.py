@@ -152,6 +152,7 @@ class RangeObserver:
         self.pct, self.keep = pct, keep
         self.lo = self.hi = None
         self.samples = []                      # f32 [rows, K] subsamples
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: torch.Tensor):
@@ -172,8 +173,9 @@ class RangeObserver:
         if self.pct <= 0 or not self.samples:
             return float(self.lo.min()), float(self.hi.max())
         s = torch.cat(self.samples).reshape(-1)
-        if s.numel() > self.keep:
-            s = s[torch.randperm(s.numel(), generator=self.gen)[: self.keep]]
+        if s.numel() > self.keep:                # the same subsample at every call: a producer's output
+            g = torch.Generator().manual_seed(self.seed)       # and its consumer's input get one range
+            s = s[torch.randperm(s.numel(), generator=g)[: self.keep]]
         return float(torch.quantile(s, self.pct)), float(torch.quantile(s, 1 - self.pct))
 
 

@@ -16,6 +16,7 @@ from dlrm import (Batch, BatchError, DLRMv2, DlrmSpec, FakeQuantDlrm, IdOutOfRan
                   QuantizedDlrm, SyntheticCTR, TorchInt8Dlrm, TrainConfig, auc, load_checkpoint, make_batch, quantize,
                   train, validate)
 from dlrm.model import MLPERF_HOTNESS, MLPERF_ROWS
+from dlrm.quantize import RangeObserver, equalized_pairs
 
 INTERP = env.flag("PACEKERN_INTERPRET")
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated:UserWarning")
@@ -197,6 +198,21 @@ def test_quantization_recipe(micro):
         if ql.out is not None and ql.relu:
             assert ql.out.zp == 0
     assert q.linears["cross.W.0"].out is None and q.linears["top.2"].out is None       # fp32 outputs
+    # a producer's u8 output and its consumer's input are one grid (PyTorch's quint8 tensor carries
+    # the producer's scale; pacekern reads the codes with the consumer's)
+    for prod, cons, _ in equalized_pairs(spec):
+        a, b = q.linears[prod].out, q.linears[cons].inp
+        assert (a.scale, a.zp) == (b.scale, b.zp), (prod, cons)
+
+
+def test_range_observer_percentile_is_deterministic():
+    """The clipped range of a subsampled observer is the same at every call (it was not: a
+    random subsample per call gave a producer and its consumer different scales)."""
+    o = RangeObserver(pct=1e-2, keep=1000)
+    o(torch.randn(4096, 8))
+    assert o.range() == o.range()
+    lo, hi = o.range()
+    assert -3.0 < lo < -1.5 and 1.5 < hi < 3.0                    # ~ the 1% / 99% quantiles of N(0, 1)
 
 
 def test_batch_sizes_agree(micro):
