@@ -87,8 +87,9 @@ class PacekernDlrm:
             last = i == nt - 1
             f, y = linear(f"top.{i}", y, bf["logit"] if last else next(hid), last)
             rest.append(f)
-        plan = self._plans = {b: dict(bufs=bf, bottom=bottom, rest=rest)}
-        return plan[b]
+        plan = dict(bufs=bf, bottom=bottom, rest=rest)
+        self._plans = {b: plan}
+        return plan
 
     def logits(self, batch: Batch) -> torch.Tensor:
         if self.check:

@@ -98,6 +98,19 @@ def ref_u4(w4, scale, bias, base, indices, offsets, col0, y):
 SPACE = pk.Space(PF=pk.choice(0, 4, 8, 16), PB=pk.choice(0, 1, 2, 4), default=dict(PF=8, PB=1))
 
 
+@pk.func
+def _prefetch_bag(w, base, indices, offsets, i, n, width, step):
+    """Prefetch the first n rows of bag i (sample-major, as the kernels walk them), every `step`
+    elements of a row of `width`: most bags hold 1-3 ids, so the in-bag prefetch PF ids ahead
+    never reaches them."""
+    b = i // T
+    t = i % T
+    s = offsets[t * B + b]
+    for j in range(s, min(offsets[t * B + b + 1], s + n)):
+        for c in range(0, width, step):
+            pk.prefetch(w[base[t] + indices[j], c])
+
+
 @pk.kernel(space=SPACE, ref=ref_f32)
 def embedding_bag_f32(w: pk.f32[R, D], base: pk.i64[T], indices: pk.i32[NNZ], offsets: pk.i32[NO], col0: pk.i32,
                       y: pk.Out[pk.f32[B, YW]], *, PF, PB):
@@ -107,13 +120,8 @@ def embedding_bag_f32(w: pk.f32[R, D], base: pk.i64[T], indices: pk.i32[NNZ], of
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
-        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
-            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
-            tn = (i + PB) % T                                 # reaches them)
-            sn = offsets[tn * B + bn]
-            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
-                for c in range(0, D, 16):
-                    pk.prefetch(w[base[tn] + indices[j], c])
+        if PB > 0 and i + PB < B * T:
+            _prefetch_bag(w, base, indices, offsets, i + PB, PF + 1, D, 16)
         for c in range(0, D, 64):                              # 64-element column chunks
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):
@@ -136,13 +144,8 @@ def embedding_bag_s8(w: pk.s8[R, D], scale: pk.f32[R], bias: pk.f32[R], base: pk
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
-        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
-            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
-            tn = (i + PB) % T                                 # reaches them)
-            sn = offsets[tn * B + bn]
-            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
-                for c in range(0, D, 64):
-                    pk.prefetch(w[base[tn] + indices[j], c])
+        if PB > 0 and i + PB < B * T:
+            _prefetch_bag(w, base, indices, offsets, i + PB, PF + 1, D, 64)
         for c in range(0, D, 64):                              # one cache line of an int8 row
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):
@@ -169,13 +172,8 @@ def embedding_bag_u4(w4: pk.s8[R, D2], scale: pk.f32[R], bias: pk.f32[R], base: 
         s = offsets[t * B + b]
         e = offsets[t * B + b + 1]
         r0 = base[t]
-        if PB > 0 and i + PB < B * T:                         # the rows of bag i + PB (most bags hold
-            bn = (i + PB) // T                                # 1-3 ids: PF ahead within a bag never
-            tn = (i + PB) % T                                 # reaches them)
-            sn = offsets[tn * B + bn]
-            for j in range(sn, min(offsets[tn * B + bn + 1], sn + PF + 1)):
-                for c in range(0, D2, 64):
-                    pk.prefetch(w4[base[tn] + indices[j], c])
+        if PB > 0 and i + PB < B * T:
+            _prefetch_bag(w4, base, indices, offsets, i + PB, PF + 1, D2, 64)
         for c in range(0, 2 * D2, 64):                         # 64 elements = 32 bytes
             acc = pk.tile(pk.f32x16, 4)
             for j in range(s, e):

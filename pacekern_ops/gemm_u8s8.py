@@ -412,7 +412,8 @@ def prepare_quantized_linear(x_u8: torch.Tensor, scale_x: float, zp_x: int, pack
                              backend: str | None = None):
     """quantized_linear checked and bound once: (zero-argument call, out). The call reruns the GEMM
     on the same buffers (x_u8 must have K a multiple of 4: no padded copy), at the cost of the
-    bare kernel call; for a pipeline with fixed buffers such as dlrm.infer."""
+    bare kernel call; for a pipeline with fixed buffers such as dlrm.infer. The epilogue factors
+    (scales, bias) are taken once: prepare again if they change."""
     if x_u8.shape[-1] % 4:
         raise ValueError(f"prepare_quantized_linear: K={x_u8.shape[-1]} is not a multiple of 4 (use quantized_linear)")
     kern, args, config, out = _linear_call(x_u8, scale_x, zp_x, packed, bias, scale_y, zp_y, relu, out, backend)
