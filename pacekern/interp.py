@@ -20,7 +20,7 @@ _NP = {"f32x16": (np.float32, 16), "i32x16": (np.int32, 16), "u8x64": (np.uint8,
 
 
 def _check(arr, idx, n, name):
-    if idx < 0 or idx + n > arr.shape[0]:
+    if n > 0 and (idx < 0 or idx + n > arr.shape[0]):     # no lane accessed (a masked tail past the end): no fault
         raise IndexError(f"{name}: lanes [{idx}, {idx + n}) out of bounds for an array of {arr.shape[0]} elements")
 
 
@@ -257,6 +257,20 @@ def cast_i32_u8(a):
     out = np.zeros(64, np.uint8)
     out[:16] = np.clip(a.astype(np.int64), 0, 255)
     return out
+
+
+def cast_i32_s8(a):
+    out = np.zeros(64, np.int8)
+    out[:16] = np.clip(a.astype(np.int64), -128, 127)
+    return out
+
+
+def low_nibbles(a):
+    return a & np.uint8(15)
+
+
+def high_nibbles(a):
+    return a >> np.uint8(4)
 
 
 def prefetch(arr, idx):

@@ -616,4 +616,43 @@ def cast_i32_u8(typingctx, a):
     return u8x64(a), cg
 
 
+@intrinsic
+def cast_i32_s8(typingctx, a):
+    """i32x16 -> s8x64: each lane clamped to [-128, 127] (like vpmovsdb) into bytes 0..15; bytes
+    16..63 are zero. Store it with pk.store(y[i, j], v, n=16)."""
+    if a != i32x16:
+        return None
+    def cg(ctx, b, sig, args):
+        v16 = ir.VectorType(I32, 16)
+        v = _call(b, "llvm.smax.v16i32", v16, [args[0], ir.Constant(v16, [-128] * 16)])
+        v = _call(b, "llvm.smin.v16i32", v16, [v, ir.Constant(v16, [127] * 16)])
+        t = b.trunc(v, ir.VectorType(I8, 16))
+        return b.shuffle_vector(t, ir.Constant(t.type, None), ir.Constant(ir.VectorType(I32, 64), list(range(16)) + [16] * 48))
+    return s8x64(a), cg
+
+
 LOWER["cast_i32_u8"] = {"generic": "cast_i32_u8"}
+LOWER["cast_i32_s8"] = {"generic": "cast_i32_s8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit unpacking (int4 weights, two per byte)
+
+def _make_nibbles(high):
+    @intrinsic
+    def nibbles(typingctx, a):
+        """u8x64 -> u8x64 of each byte's low (or high) 4 bits, 0..15: vpand (vpsrlw + vpand)."""
+        if a != u8x64:
+            return None
+        def cg(ctx, b, sig, args):
+            v = args[0]
+            if high:
+                v = b.lshr(v, ir.Constant(v.type, [4] * 64))
+            return b.and_(v, ir.Constant(v.type, [15] * 64))
+        return u8x64(a), cg
+    return nibbles
+
+
+low_nibbles, high_nibbles = _make_nibbles(False), _make_nibbles(True)
+LOWER["low_nibbles"] = {"generic": "low_nibbles"}
+LOWER["high_nibbles"] = {"generic": "high_nibbles"}

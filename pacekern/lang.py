@@ -162,7 +162,8 @@ OPS = {
     "store": (2, 2), "store_bf16": (2, 2), "fma": (3, 3), "max": (2, 2), "min": (2, 2),
     "hsum": (1, 1), "hmax": (1, 1), "hmin": (1, 1), "exp": (1, 1), "sqrt": (1, 1),
     "dot4_u8s8": (3, 3), "dot2_bf16": (3, 3), "to_i32": (1, 1), "to_f32": (1, 1),
-    "bitcast": (2, 2), "to_bf16": (1, 1), "to_u8": (1, 1),
+    "bitcast": (2, 2), "to_bf16": (1, 1), "to_u8": (1, 1), "to_s8": (1, 1),
+    "low_nibbles": (1, 1), "high_nibbles": (1, 1),     # u8x64 -> the 4-bit halves of each byte (int4 weights)
     "amx_config": (1, 1), "amx_zero": (1, 1), "amx_load": (3, 3), "amx_store": (3, 3),
     "amx_dot_bf16": (3, 3), "amx_dot_u8s8": (3, 3), "amx_release": (0, 0),
     "prefetch": (1, 1),       # pk.prefetch(x[i, j]): bring x[i, j]'s cache line towards L1 (a hint)

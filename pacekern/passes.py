@@ -254,7 +254,8 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
             return e
         checks = {"fma": ["f32x16"] * 3, "hsum": None, "hmax": None, "hmin": None, "exp": ["f32x16"], "sqrt": ["f32x16"],
                   "dot4_u8s8": ["i32x16", "u8x64", "s8x64"], "dot2_bf16": ["f32x16", "bf16x32", "bf16x32"],
-                  "to_i32": ["f32x16"], "to_f32": ["i32x16"], "to_bf16": ["f32x16"], "to_u8": ["i32x16"]}
+                  "to_i32": ["f32x16"], "to_f32": ["i32x16"], "to_bf16": ["f32x16"], "to_u8": ["i32x16"],
+                  "to_s8": ["i32x16"], "low_nibbles": ["u8x64"], "high_nibbles": ["u8x64"]}
         if n in checks and checks[n] is not None and ts != checks[n]:
             _err(k, e, f"pk.{n} takes ({', '.join(checks[n])}), got ({', '.join(str(t) for t in ts)})")
         if n in ("hsum", "hmax", "hmin") and ts[0] not in ("f32x16", "i32x16"):
@@ -263,7 +264,8 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
             if not is_vec(ts[0]):
                 _err(k, e, f"pk.bitcast reinterprets a vector, got a {ts[0]}")
             return ir.Op("bitcast", args, vtype=args[1].value, line=e.line)
-        name = {"to_i32": "cast_f32_i32", "to_f32": "cast_i32_f32", "to_bf16": "f32_to_bf16_bits", "to_u8": "cast_i32_u8"}.get(n, n)
+        name = {"to_i32": "cast_f32_i32", "to_f32": "cast_i32_f32", "to_bf16": "f32_to_bf16_bits", "to_u8": "cast_i32_u8",
+                "to_s8": "cast_i32_s8"}.get(n, n)
         if n in SCALAR_BUILTINS:
             return e
         target = isa.lower(name, level)
@@ -305,8 +307,9 @@ _OP_TYPES = {
     "hsum": lambda ts: "float" if ts[0] == "f32x16" else "int", "hmax": lambda ts: "float" if ts[0] == "f32x16" else "int",
     "hmin": lambda ts: "float" if ts[0] == "f32x16" else "int",
     "dot4_u8s8": lambda ts: "i32x16", "dot2_bf16": lambda ts: "f32x16", "to_i32": lambda ts: "i32x16",
-    "to_f32": lambda ts: "f32x16", "to_bf16": lambda ts: "bf16x32", "to_u8": lambda ts: "u8x64",
+    "to_f32": lambda ts: "f32x16", "to_bf16": lambda ts: "bf16x32", "to_u8": lambda ts: "u8x64", "to_s8": lambda ts: "s8x64",
     "bitcast": lambda ts: None, "prefetch": lambda ts: None,
+    "low_nibbles": lambda ts: "u8x64", "high_nibbles": lambda ts: "u8x64",
 }
 for _k in list(isa.LOWER):
     for _lv, _name in isa.LOWER[_k].items():
@@ -314,7 +317,8 @@ for _k in list(isa.LOWER):
 _OP_TYPES.update({"dot4_u8s8_vnni": lambda ts: "i32x16", "dot4_u8s8_generic": lambda ts: "i32x16",
                   "dot2_bf16_avx512bf16": lambda ts: "f32x16", "dot2_bf16_generic": lambda ts: "f32x16",
                   "cast_f32_i32": lambda ts: "i32x16", "cast_i32_f32": lambda ts: "f32x16",
-                  "f32_to_bf16_bits": lambda ts: "bf16x32", "cast_i32_u8": lambda ts: "u8x64"})
+                  "f32_to_bf16_bits": lambda ts: "bf16x32", "cast_i32_u8": lambda ts: "u8x64",
+                  "cast_i32_s8": lambda ts: "s8x64"})
 
 
 # ---------------------------------------------------------------------------------------------

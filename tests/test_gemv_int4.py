@@ -1,0 +1,90 @@
+"""4-bit weight GEMV (pacekern_ops/gemv_int4.py) against PyTorch: the kernel against the float64
+result for its quantized inputs, the whole linear against torch's own int4 matmul, the quantizers'
+error bounds, and its machine code."""
+import pytest
+import torch
+
+import pacekern as pk
+from conftest import INTERPRET, needs_compiled_avx512
+from pacekern_ops.gemv_int4 import (activation_buffers, dequantize_int4, from_chunk_order, gemv_int4,
+                                    gemv_int4_linear, quantize_int4, quantize_x8, to_chunk_order, torch_int4_pack)
+
+SHAPES = [(1, 1, 16), (1, 37, 50), (3, 64, 576), (8, 48, 1536)] if not INTERPRET else [(1, 1, 16), (2, 9, 40)]
+CONFIGS = [pk.Config.of(R=2, NB=64, PF=512), pk.Config.of(R=4, NB=16, PF=0), pk.Config.of(R=6, NB=128, PF=2048)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_gemv_int4(m, n, k, cfg):
+    x, y = torch.randn(m, k), torch.empty(m, n)
+    w, ws, wm = quantize_int4(torch.randn(n, k))
+    xq, xs, xm = activation_buffers(m, k)
+    quantize_x8(x, xq, xs, xm)
+    pk.check(gemv_int4, xq, xs, xm, w, ws, wm, y, config=cfg)      # against float64 for the quantized x it is given
+    # against unquantized x: int8 per group of 32 (error <= scale / 2 per element)
+    ref = x.double() @ dequantize_int4(w, ws, wm, k).double().t()
+    err_x = (xs.double().repeat_interleave(32, 1)[:, :k] / 2)
+    bound = err_x @ dequantize_int4(w, ws, wm, k).double().abs().t() * 1.001 + 1e-4
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+def test_quantize_x8_round_trip_and_group_sums():
+    x = torch.randn(3, 600) * 10
+    x[1] = 0.0                                                       # an all-zero row
+    xq, xs, xm = activation_buffers(3, 600)
+    quantize_x8(x, xq, xs, xm)
+    q = from_chunk_order(xq.double())
+    back = (q * xs.double().repeat_interleave(32, 1))[:, :600]
+    assert ((back - x.double()).abs() <= xs.double().repeat_interleave(32, 1)[:, :600] / 2 * (1 + 1e-6)).all()
+    assert torch.equal(q[:, 600:], torch.zeros(3, q.shape[1] - 600, dtype=torch.float64))   # padding is 0
+    torch.testing.assert_close(xm.double(), xs.double() * q.view(3, -1, 32).sum(-1), rtol=1e-6, atol=0)
+    assert torch.equal(back[1], torch.zeros(600, dtype=torch.float64))
+
+
+def test_chunk_order_is_a_permutation():
+    k = torch.arange(1024)
+    perm = to_chunk_order(k)
+    assert torch.equal(from_chunk_order(perm), k) and torch.equal(perm.sort().values, k)
+    # group j of a block sits in lane j (bytes 4j..4j+3) of each 64-byte chunk
+    assert torch.equal(perm[64 * 2 + 4 * 5: 64 * 2 + 4 * 5 + 4], torch.tensor([32 * 5 + 8, 32 * 5 + 9, 32 * 5 + 10, 32 * 5 + 11]))
+
+
+def test_quantize_int4_error_and_grid():
+    w = torch.randn(64, 256)
+    q, s, mn = quantize_int4(w)
+    deq = dequantize_int4(q, s, mn, 256)
+    assert float((deq - w).norm() / w.norm()) < 0.09            # 16 levels per 32 Gaussian weights: ~0.075
+    # a tensor already on a 16-level grid per 32-group (a Q4_1 / Q4_K source) comes back to bf16 precision
+    grid_s, grid_m = torch.rand(64, 8, 1) * 0.1 + 0.01, torch.randn(64, 8, 1) * 0.1
+    codes = torch.randint(0, 16, (64, 8, 32)).float()
+    codes[:, :, 0] = 3                                               # levels that do not span 0..15
+    codes[:, :, 1:].clamp_(2, 13)
+    src = (codes * grid_s + grid_m).view(64, 256)
+    q, s, mn = quantize_int4(src)
+    assert float((dequantize_int4(q, s, mn, 256) - src).norm() / src.norm()) < 0.01
+
+
+def test_int4_linear_matches_torch_int4_matmul():
+    """The same 4-bit weights through PyTorch's own CPU int4 matmul (fp32 activations)."""
+    x, y = torch.randn(2, 1024), torch.empty(2, 96)
+    w, ws, wm = quantize_int4(torch.randn(96, 1024))
+    gemv_int4_linear(x, w, ws, wm, y)
+    wp, scales_zeros = torch_int4_pack(w, ws, wm, 1024)
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, wp, 32, scales_zeros)
+    torch.testing.assert_close(y, ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+
+
+def test_int4_linear_bad_shapes():
+    w, ws, wm = quantize_int4(torch.randn(8, 600))
+    with pytest.raises(ValueError, match="do not fit x with K=512"):
+        gemv_int4_linear(torch.randn(1, 512), w, ws, wm, torch.empty(1, 8))
+    with pytest.raises(ValueError, match="multiple of 32 and N of 16"):
+        torch_int4_pack(w, ws, wm, 600)
+
+
+def test_inner_loop_streams_in_zmm_without_spills():
+    reason = needs_compiled_avx512()
+    if reason:
+        pytest.skip(reason)
+    r = gemv_int4.asm(pk.Config.of(R=2, NB=64, PF=512))
+    assert r.inner_spills == 0 and r.zmm_registers >= 8 and r.counts.get("vpdpbusd", 0) >= 16, r.summary()
