@@ -29,8 +29,8 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--weights", default="native", choices=["native", "int8"])
-    ap.add_argument("--draft-weights", default=None, choices=["native", "int8"], help="default: as --weights")
+    ap.add_argument("--weights", default="native", choices=["native", "int8", "int4"])
+    ap.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="default: as --weights")
     args = ap.parse_args(argv)
 
     m = LLMModel(args.model, dtype=args.dtype, weights=args.weights,

@@ -50,7 +50,8 @@ def _ours(model, rows, new_tokens) -> tuple:
 
 
 def bench_llm(model_name=None, prompt_tokens: int = 128, new_tokens: int = 128, batches=(1, 8), rounds: int = 3,
-              engines=("pacekern bf16", "pacekern int8", "hf bf16", "llama.cpp"), progress=print) -> tuple:
+              engines=("pacekern bf16", "pacekern int8", "pacekern int4", "hf bf16", "llama.cpp"),
+              progress=print) -> tuple:
     """(rows, DRAM GB/s measured now). Every engine runs once per round; figures are medians."""
     from pacekern.limits import stream_probe
     from . import models
@@ -58,11 +59,14 @@ def bench_llm(model_name=None, prompt_tokens: int = 128, new_tokens: int = 128, 
     from .generate import LLMModel
     from .sampling import SamplingConfig
 
+    known = ("pacekern bf16", "pacekern int8", "pacekern int4", "hf bf16", "hf fp32", "llama.cpp")
+    if not engines or any(e not in known for e in engines):
+        raise ValueError(f"engines={engines!r}: choose from {', '.join(known)}")
     ours = {}
     for e in engines:
         if e.startswith("pacekern"):
             w = e.split()[1]
-            ours[e] = LLMModel(model_name, dtype="bfloat16", weights="int8" if w == "int8" else "native")
+            ours[e] = LLMModel(model_name, dtype="bfloat16", weights=w if w in ("int8", "int4") else "native")
     any_model = next(iter(ours.values())) if ours else LLMModel(model_name)
     path, spec = any_model.path, any_model.spec
     gguf = None
@@ -104,7 +108,7 @@ def bench_llm(model_name=None, prompt_tokens: int = 128, new_tokens: int = 128, 
     out = []
     for (e, b), rs in runs.items():
         med = [statistics.median(x[i] for x in rs) for i in range(4)]
-        fmt = {"pacekern bf16": "bf16", "pacekern int8": "int8"}.get(e)
+        fmt = {"pacekern bf16": "bf16", "pacekern int8": "int8", "pacekern int4": "int4"}.get(e)
         out.append(LLMBenchRow(e, b, med[0] * 1e3, med[1] * 1e3, med[2], med[3],
                                spec.weight_bytes(fmt) / 1e6 if fmt else None))
     return out, statistics.median(bw)

@@ -25,7 +25,7 @@ from .sampling import Sampler, SamplingConfig
 from .weights import ModelSpec, load
 
 DTYPES = {"bfloat16": "bf16", "float32": "f32"}
-WEIGHTS = ("native", "int8")
+WEIGHTS = ("native", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class LLMModel:
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer(models.resolve(tokenizer_name_or_path) if tokenizer_name_or_path else self.path)
         self.spec = ModelSpec.from_dir(self.path)
-        self.fmt = "int8" if weights == "int8" else DTYPES[dtype]
+        self.fmt = weights if weights in ("int8", "int4") else DTYPES[dtype]
         self.weights = load(self.path, self.spec, self.fmt)
         self.draft_only = self.weights.head_ids is not None     # its head scores a subset of the vocabulary
         self.cache = KVCache(self.spec, kv_cache or KVCacheConfig())

@@ -65,8 +65,14 @@ def linear_torch(lin, x, y):
     elif lin.fmt == "bf16":
         wt = lin.w.t()
         call = lambda: y.copy_(torch.mm(x.to(torch.bfloat16), wt))
-    else:                                                        # torch's own weight-only int8 matmul
+    elif lin.fmt == "int8":                                      # torch's own weight-only int8 matmul
         call = lambda: y.copy_(torch.ops.aten._weight_int8pack_mm(x, lin.w, lin.scale))
+    else:                                                        # torch's own int4 matmul, same (q - 8) * scale values
+        if lin.packed is None:
+            from pacekern_ops.gemv_int4 import torch_int4_pack
+            lin.packed = torch_int4_pack(lin.w, lin.scale, lin.mins, lin.k)
+        wp, scales_zeros = lin.packed
+        call = lambda: y.copy_(torch.ops.aten._weight_int4pack_mm_for_cpu(x, wp, 32, scales_zeros))
     return _bias(call, y, lin)
 
 
@@ -91,6 +97,14 @@ def linear_pacekern(lin, x, y):
         xh, xl = torch.empty(x.shape, dtype=torch.uint8), torch.empty(x.shape, dtype=torch.uint8)
         xs = torch.empty(rows)
         quant, mm = quantize_x16.prepare(x, xh, xl, xs), gemv_s8.prepare(xh, xl, xs, lin.w, lin.scale, lin.wsum, y)
+
+        def call():
+            quant()
+            mm()
+    elif lin.fmt == "int4":                                      # int8 activations x 4-bit weights on VNNI
+        from pacekern_ops.gemv_int4 import activation_buffers, gemv_int4, quantize_x8
+        xq, xs, xm = activation_buffers(rows, lin.k)
+        quant, mm = quantize_x8.prepare(x, xq, xs, xm), gemv_int4.prepare(xq, xs, xm, lin.w, lin.scale, lin.mins, y)
 
         def call():
             quant()

@@ -31,14 +31,14 @@ class PardSpecDecodeConfig:
     model_name_or_path: str                  # the PARD draft (catalogue name, HF directory, ...)
     pard_token: int | None = None            # mask token id; None: the draft config's `pard_token`
     num_speculative_tokens: int = 12         # K
-    weights: str | None = None               # the draft's weights, "native" | "int8"; None: as the target's
+    weights: str | None = None               # the draft's weights, "native" | "int8" | "int4"; None: as the target's
 
 
 @dataclass(frozen=True)
 class DraftModelSpecDecodeConfig:
     model_name_or_path: str                  # a small model with the target's tokenizer
     num_speculative_tokens: int = 4          # K
-    weights: str | None = None               # the draft's weights, "native" | "int8"; None: as the target's
+    weights: str | None = None               # the draft's weights, "native" | "int8" | "int4"; None: as the target's
 
 
 def pard_token_of(path: Path, given: int | None) -> int:

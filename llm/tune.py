@@ -8,7 +8,7 @@ import torch
 
 def decode_problems(llm, rows: int = 1) -> list:
     """(kernel, args) for each distinct linear shape of the model at `rows` rows per step."""
-    from pacekern_ops import gemv
+    from pacekern_ops import gemv, gemv_int4
     w = llm.weights
     lins = [w.layers[0].qkv, w.layers[0].o, w.layers[0].gate_up, w.layers[0].down, w.lm_head]
     seen, out = set(), []
@@ -22,6 +22,10 @@ def decode_problems(llm, rows: int = 1) -> list:
             xh, xl, xs = torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows)
             gemv.quantize_x16(x, xh, xl, xs)
             out.append((gemv.gemv_s8, (xh, xl, xs, lin.w, lin.scale, lin.wsum, y)))
+        elif lin.fmt == "int4":
+            xq, xs, xm = gemv_int4.activation_buffers(rows, lin.k)
+            gemv_int4.quantize_x8(x, xq, xs, xm)
+            out.append((gemv_int4.gemv_int4, (xq, xs, xm, lin.w, lin.scale, lin.mins, y)))
         else:
             out.append((gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16, (x, lin.w, y)))
     return out

@@ -6,6 +6,9 @@ Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
   bf16  bf16 [N, K]                      (dtype="bfloat16", the default)
   int8  int8 [N, K] + f32 scale per output channel, symmetric (weights="int8"; weight-only:
         activations stay fp32 and are quantized to 16-bit fixed point inside the GEMV)
+  int4  u8 [N, KP/2] two 4-bit weights per byte + bf16 scale and min per 32 weights (weights="int4",
+        like llama.cpp's Q4_1; pacekern_ops/gemv_int4.py; activations are quantized per 32 values
+        to int8 inside the GEMV)
 Layouts for the prefill GEMMs (packed panels) are built lazily, the first time a prompt is long
 enough to use them, so a decode-only process never holds them.
 """
@@ -66,21 +69,23 @@ class ModelSpec:
 
     def weight_bytes(self, fmt: str) -> int:
         """Bytes of weights read per decoded token (every linear layer once; embeddings are a lookup)."""
-        per = {"f32": 4, "bf16": 2, "int8": 1}[fmt]
+        per = {"f32": 4, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}[fmt]
         h, d = self.hidden, self.head_dim
         layer = h * self.qkv_heads * d + self.n_heads * d * h + 3 * h * self.ffn
-        return per * (self.n_layers * layer + self.vocab * h)
+        return int(per * (self.n_layers * layer + self.vocab * h))
 
 
 @dataclass
 class Linear:
     """y = x @ W^T (+ bias), W [N, K] in one format; `packed` caches the prefill GEMM layout."""
-    fmt: str                                  # "f32" | "bf16" | "int8"
-    w: torch.Tensor                           # [N, K]: f32, bf16, or int8
-    scale: torch.Tensor | None = None         # int8: f32 [N] per output channel
+    fmt: str                                  # "f32" | "bf16" | "int8" | "int4"
+    w: torch.Tensor                           # [N, K]: f32, bf16, or int8; int4: u8 [N, KP/2] packed
+    scale: torch.Tensor | None = None         # int8: f32 [N] per output channel; int4: bf16 [N, KP/32] per group
     wsum: torch.Tensor | None = None          # int8: i32 [N] row sums (gemv_s8's unsigned-offset correction)
     bias: torch.Tensor | None = None          # f32 [N]
     packed: torch.Tensor | None = field(default=None, repr=False)
+    mins: torch.Tensor | None = None          # int4: bf16 [N, KP/32] per group
+    k_in: int | None = None                   # int4: K before padding to a multiple of 512
 
     @property
     def n(self) -> int:
@@ -88,7 +93,7 @@ class Linear:
 
     @property
     def k(self) -> int:
-        return self.w.shape[1]
+        return self.k_in if self.k_in is not None else self.w.shape[1]
 
     @classmethod
     def make(cls, w: torch.Tensor, fmt: str, bias=None) -> "Linear":
@@ -100,11 +105,18 @@ class Linear:
             return cls("bf16", w.to(torch.bfloat16).contiguous(), bias=b)
         if fmt == "int8":
             q, scale, wsum = quantize_rows(w)
-            return cls("int8", q, scale, wsum, bias=b)
-        raise ValueError(f"unknown weight format '{fmt}' (f32, bf16, int8)")
+            return cls("int8", q, scale=scale, wsum=wsum, bias=b)
+        if fmt == "int4":
+            from pacekern_ops.gemv_int4 import quantize_int4
+            q, scale, mins = quantize_int4(w)
+            return cls("int4", q, scale=scale, mins=mins, bias=b, k_in=w.shape[1])
+        raise ValueError(f"unknown weight format '{fmt}' (f32, bf16, int8, int4)")
 
     def dequantized(self) -> torch.Tensor:
         """The weight as fp32 [N, K], exactly what the kernels multiply by."""
+        if self.fmt == "int4":
+            from pacekern_ops.gemv_int4 import dequantize_int4
+            return dequantize_int4(self.w, self.scale, self.mins, self.k)
         if self.fmt == "int8":
             return self.w.float() * self.scale[:, None]
         return self.w.float()

@@ -38,10 +38,10 @@ def _shape(sizes) -> str:
 
 def cmd_tune(args):
     import pacekern as pk
-    if args.ops and args.ops[0] in ("llm", "llm-int8"):
+    if args.ops and args.ops[0] in ("llm", "llm-int8", "llm-int4"):
         from llm.tune import tune_model
         from pacekern.llm import LLMModel
-        model = LLMModel(args.model, weights="int8" if args.ops[0] == "llm-int8" else "native")
+        model = LLMModel(args.model, weights={"llm-int8": "int8", "llm-int4": "int4"}.get(args.ops[0], "native"))
         for res in tune_model(model, budget_s=args.budget or 30.0, rows=(1, 8), force=args.force):
             print(res.pin_line())
         return
@@ -107,6 +107,7 @@ def print_table(rows):
 def cmd_bench_llm(args):
     from llm.bench import bench_llm, table
     rows, gbs = bench_llm(args.model, rounds=args.rounds if args.rounds != 7 else 3,
+                          engines=tuple(e.strip() for e in args.engines.split(",")),
                           progress=lambda m: print(f"[bench llm] {m}", file=sys.stderr, flush=True))
     print(table(rows, gbs))
 
@@ -165,7 +166,7 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--weights", default="native", choices=["native", "int8"])
+    p.add_argument("--weights", default="native", choices=["native", "int8", "int4"])
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -173,7 +174,7 @@ def _generate_args(p, prompt_default=None):
                    help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 12, draft model: 4)")
-    p.add_argument("--draft-weights", default=None, choices=["native", "int8"], help="the draft's weights (default: as --weights)")
+    p.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="the draft's weights (default: as --weights)")
 
 
 def cmd_demo(args):
@@ -258,11 +259,13 @@ def main(argv=None):
             p.add_argument("--budget", type=float, default=None, help="tuning budget per kernel, seconds")
         if name == "tune":
             p.add_argument("--force", action="store_true", help="re-time configs already in the cache")
-            p.add_argument("--model", default=None, help="with `tune llm` / `tune llm-int8`: the model")
+            p.add_argument("--model", default=None, help="with `tune llm` / `llm-int8` / `llm-int4`: the model")
         if name == "bench":
             p.add_argument("--no-tune", action="store_true", help="time the cached/default configs only")
             p.add_argument("--rounds", type=int, default=7)
             p.add_argument("--model", default=None, help="with `bench llm`: the model (default: the catalogue default)")
+            p.add_argument("--engines", default="pacekern bf16,pacekern int8,pacekern int4,hf bf16,llama.cpp",
+                           help="with `bench llm`: comma-separated engines to time")
         p.set_defaults(fn=fn)
     s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
     s.add_argument("op")

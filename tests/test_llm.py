@@ -1,5 +1,6 @@
 """The LLM pipeline against Hugging Face transformers on the same weights (written twice: our
 Transformer on pacekern kernels, HF's LlamaForCausalLM / Qwen2ForCausalLM)."""
+import dataclasses
 import os
 
 import pytest
@@ -122,7 +123,7 @@ def test_bad_model_and_options():
     with pytest.raises(ValueError, match="dtype"):
         LLMModel(dtype="float16")
     with pytest.raises(ValueError, match="weights"):
-        LLMModel(weights="int4")
+        LLMModel(weights="int3")
 
 
 def test_bf16_logits_close_to_hf_bf16():
@@ -154,3 +155,28 @@ def test_greedy_equals_hf_fp32_qwen():
     outs = ours.generate(PROMPTS, SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW))
     for p, o in zip(PROMPTS, outs):
         assert o.token_ids == hf_greedy(hf, o.prompt_ids, NEW), p
+
+
+def test_int4_weights_match_torch_int4_and_dequantized_fp32():
+    """weights="int4": our logits equal those of the same model run on PyTorch's own int4 matmul
+    (same 4-bit values; the difference is our int8 activations) and on the dequantized weights in
+    fp32, within the activation rounding; the greedy next token agrees."""
+    from llm.ops import OpConfig
+    ours = LLMModel(dtype="bfloat16", weights="int4")
+    theirs = LLMModel(dtype="bfloat16", weights="int4", opconfig=OpConfig(linear="torch"))
+    ids = ours.encode(PROMPTS[1])
+    got, ref = ours.logits(ids)[-1], theirs.logits(ids)[-1]
+    deq = LLMModel(dtype="float32")                      # plans are built at the first forward: swap weights first
+
+    def dequantized(lin):
+        assert lin.fmt == "int4"
+        return dataclasses.replace(lin, fmt="f32", w=lin.dequantized(), scale=None, mins=None, k_in=None)
+    deq.weights.lm_head = dequantized(ours.weights.lm_head)
+    for a, b in zip(deq.weights.layers, ours.weights.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(a, name, dequantized(getattr(b, name)))
+    exact = deq.logits(ids)[-1]
+    spread = float(exact.abs().max())
+    assert float((got - ref).abs().max()) <= 0.05 * spread
+    assert float((got - exact).abs().max()) <= 0.05 * spread
+    assert int(got.argmax()) == int(ref.argmax()) == int(exact.argmax())
