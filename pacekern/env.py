@@ -23,7 +23,7 @@ VARS = {v.name: v for v in [
         "(print/pdb work inside kernels; slow, use small shapes)."),
     Var("PACEKERN_LOG_LEVEL", "info", "debug | profile | info | warning | error. 'profile' prints per-kernel "
         "call counts and time at exit."),
-    Var("PACEKERN_CACHE_DIR", "~/.cache/pacekern", "Generated sources, Numba's compiled code and the tuning database."),
+    Var("PACEKERN_CACHE_DIR", "~/.cache/pacekern", "Generated sources, Numba's compiled code, the tuning database and int4 weight codes (int4/)."),
     Var("PACEKERN_MODEL_DIR", "~/.cache/pacekern/models", "Downloaded GGUF files, the Hugging Face directories converted from them, DLRM checkpoints (dlrm/) and evaluation data (data/: Botchan, Lee, MovieLens-100k)."),
     Var("PACEKERN_TUNE", "0", "1 tunes a kernel on its first call for each untuned shape bucket; 0 uses the "
         "tuned config if cached, else the space's default config."),

@@ -84,6 +84,33 @@ def build_gemv_s8(M, N, K):
                    check=check)
 
 
+def build_gemv_int4(M, N, K):
+    from .gemv_int4 import activation_buffers, dequantize_int4, gemv_int4, gemv_int4_linear, quantize_int4, torch_int4_pack
+    n_tensors = _cold_copies(N * K * 5 // 8)
+    nxt = rotating(lambda: quantize_int4(torch.randn(N, K)), n_tensors)
+    x, y = torch.randn(M, K), torch.empty(M, N)
+    w0, s0, m0 = nxt()
+    nbytes = w0.numel() + 2 * s0.numel() * 2
+    scratch = activation_buffers(M, K)
+    nxt_pack = rotating(lambda: torch_int4_pack(*nxt(), K), n_tensors)   # the same tensors, in torch's layout
+    xb = x.bfloat16()
+
+    def ours():                       # quantize x to int8 per group + the VNNI GEMV, as the LLM calls it
+        return gemv_int4_linear(x, *nxt(), y, scratch)
+
+    def base():                       # torch's CPU int4 matmul on the same 4-bit codes, bf16 activations
+        wp, sz = nxt_pack()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 32, sz.bfloat16())
+
+    def check():                      # int8 activations per 32 values: error ~1e-2 of the output's scale
+        want = x @ dequantize_int4(w0, s0, m0, K).t()
+        torch.testing.assert_close(gemv_int4_linear(x, w0, s0, m0, y, scratch), want, rtol=0.02,
+                                   atol=0.01 * want.abs().max().item())
+    xq, xs, xm = scratch
+    return Problem(ours, base, float(nbytes), "GB/s", tune=((gemv_int4, (xq, xs, xm, w0, s0, m0, y)),), limit="dram",
+                   check=check)
+
+
 def build_gemm_bf16(M, N, K):
     from .gemm_bf16 import build_problem
     return build_problem(M, N, K)
@@ -191,6 +218,8 @@ OPS = {op.name: op for op in [
     Op("gemv_bf16", dict(M=1, N=49152, K=576), build_gemv_bf16, "decode GEMV, bf16 weights streamed from DRAM vs torch bf16 linear",
        variants=(dict(M=1, N=8960, K=1536),)),
     Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),
+    Op("gemv_int4", dict(M=1, N=8960, K=1536), build_gemv_int4,
+       "decode GEMV, 4-bit weights (scale + min per 32) vs torch _weight_int4pack_mm_for_cpu on the same codes"),
     Op("gemv_f32", dict(M=1, N=1536, K=576), build_gemv_f32, "decode GEMV, fp32 weights streamed from DRAM vs torch linear"),
     Op("add_rmsnorm", dict(R=1, H=576), build_add_rmsnorm, "residual add + RMSNorm at decode vs torch (HF order of ops)"),
     Op("rope_qkv", dict(B=1, T=1, **SMOL, start=128), build_rope_qkv, "RoPE on q/k + KV cache write at decode vs torch"),

@@ -88,3 +88,25 @@ def test_inner_loop_streams_in_zmm_without_spills():
         pytest.skip(reason)
     r = gemv_int4.asm(pk.Config.of(R=2, NB=64, PF=512))
     assert r.inner_spills == 0 and r.zmm_registers >= 8 and r.counts.get("vpdpbusd", 0) >= 16, r.summary()
+
+
+def test_int4_codes_are_cached_and_a_damaged_cache_is_rebuilt(tmp_path):
+    from safetensors.torch import save_file
+    from llm.weights import Int4Codes
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(32, 64)}, str(src))
+    w = torch.randn(32, 64)
+    first = Int4Codes([src], cache_dir=tmp_path / "cache")
+    a = first.make("layer.o", w)
+    first.save()
+    second = Int4Codes([src], cache_dir=tmp_path / "cache")
+    assert "layer.o.w" in second.cached                             # read back, not quantized again
+    b = second.make("layer.o", w)
+    assert torch.equal(a.w, b.w) and torch.equal(a.scale, b.scale) and torch.equal(a.mins, b.mins) and b.k == 64
+    assert not second.new
+    first.path.write_bytes(b"not a safetensors file")
+    third = Int4Codes([src], cache_dir=tmp_path / "cache")
+    assert not third.cached                                         # ignored (with a warning), then rebuilt
+    assert torch.equal(third.make("layer.o", w).w, a.w)
+    third.save()
+    assert "layer.o.w" in Int4Codes([src], cache_dir=tmp_path / "cache").cached
