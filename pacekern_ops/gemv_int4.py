@@ -61,8 +61,8 @@ def _prune(c, dims, cpu):
     return dims["N"] // c.NB >= 4 * cpu.threads or c.NB == 16
 
 
-SPACE = pk.Space(R=pk.choice(2, 4, 6), NB=pk.choice(16, 32, 64, 128), PF=pk.choice(0, 512, 1024, 2048),
-                 where=lambda c: c.NB % c.R == 0, prune=_prune, default=dict(R=2, NB=64, PF=512))
+SPACE = pk.Space(R=pk.choice(1, 2, 4, 6), NB=pk.choice(16, 32, 64, 128, 256), PF=pk.choice(0, 512, 1024, 2048),
+                 where=lambda c: c.NB % c.R == 0, prune=_prune, default=dict(R=1, NB=64, PF=0))
 
 
 @pk.kernel(space=SPACE, ref=ref_int4, key={"M": "exact"})
