@@ -67,7 +67,7 @@ def linear_torch(lin, x, y):
         call = lambda: y.copy_(torch.mm(x.to(torch.bfloat16), wt))
     elif lin.fmt == "int8":                                      # torch's own weight-only int8 matmul
         call = lambda: y.copy_(torch.ops.aten._weight_int8pack_mm(x, lin.w, lin.scale))
-    else:                                                        # torch's own int4 matmul, same (q - 8) * scale values
+    else:                                                        # torch's own int4 matmul on the same codes
         if lin.packed is None:
             from pacekern_ops.gemv_int4 import torch_int4_pack
             lin.packed = torch_int4_pack(lin.w, lin.scale, lin.mins, lin.k)

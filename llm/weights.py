@@ -198,14 +198,15 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
 class Int4Codes:
     """The int4 codes of a model directory, kept in the cache (PACEKERN_CACHE_DIR/int4): quantizing
     a 1.5B model takes ~45 s on 2 cores, reading the codes back ~1 s. The key covers the source
-    files (path, size, mtime) and the quantizer's source, so a change to either re-quantizes."""
+    files (path, size, mtime) and the source of gemv_int4 (quantizer and layout), so a change to
+    either re-quantizes."""
 
     def __init__(self, files, cache_dir: str | None = None):
         import hashlib
         import inspect
         from pacekern import env
         from pacekern_ops import gemv_int4
-        h = hashlib.sha256(inspect.getsource(gemv_int4.quantize_int4).encode())
+        h = hashlib.sha256(inspect.getsource(gemv_int4).encode())
         for f in files:
             st = Path(f).stat()
             h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
