@@ -34,21 +34,25 @@ def _prune_mm(c, dims, cpu):
     return _prune(c, dims, cpu) and (c.MM == 1 or c.MM < 2 * dims["M"])
 
 
-# MM x R accumulators + MM x vectors + 1 weight vector stay within the 32 zmm registers
+# 2 x MM x R accumulators + MM x vectors + 1 weight vector stay within the 32 zmm registers. MM takes
+# every value up to 8 so that verification's K + 1 rows run with no padding rows
 SPACE_MM = pk.Space(R=pk.choice(1, 2, 4, 6, 8), NB=pk.choice(16, 32, 64, 128, 256), PF=pk.choice(0, 256, 512, 1024),
-                    MM=pk.choice(1, 2, 4, 8), where=lambda c: c.NB % c.R == 0 and c.MM * (c.R + 1) <= 24,
+                    MM=pk.choice(1, 2, 3, 4, 5, 6, 7, 8),
+                    where=lambda c: c.NB % c.R == 0 and 2 * c.MM * c.R + c.MM + 1 <= 32,
                     prune=_prune_mm, default=dict(R=1, NB=64, PF=0, MM=1))
 
 
 @pk.kernel(space=SPACE_MM, ref=ref_bf16, key={"M": "exact"})
 def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB, PF, MM):
     """Rows of x are taken MM at a time, so each weight vector loaded (and widened) once serves MM
-    rows (batched decode, speculative verification). Every (row, output) accumulates over k in the
-    same order whatever MM is, so the result does not depend on the batch."""
+    rows (batched decode, speculative verification). Each (row, output) has two accumulators (the
+    even and odd 16 of every 32 k): with few rows the FMA latency, not the FMA rate, would bound
+    the kernel. Every (row, output) accumulates over k in the same order whatever MM and R are, so
+    the result does not depend on the batch (speculative verification stays exact)."""
     for n0 in pk.prange(0, N, NB):
         for r0 in range(n0, min(n0 + NB, N), R):
             for m0 in range(0, M, MM):
-                acc = pk.tile(pk.f32x16, MM, R)
+                acc = pk.tile(pk.f32x16, MM, 2 * R)                 # [i, 2r + v]: two chains per output
                 xv = pk.tile(pk.f32x16, MM)
                 for k0 in range(0, K - 31, 32):                     # one 64-byte line of each row per step
                     for r in pk.unroll(R):
@@ -60,18 +64,18 @@ def gemv_bf16(x: pk.f32[M, K], w: pk.bf16[N, K], y: pk.Out[pk.f32[M, N]], *, R, 
                         for r in pk.unroll(R):
                             wv = pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k0 + 16 * v])
                             for i in pk.unroll(MM):
-                                acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                                acc[i, 2 * r + v] = pk.fma(wv, xv[i], acc[i, 2 * r + v])
                 for k in range(K - K % 32, K, 16):                  # the last part line, masked
                     for i in pk.unroll(MM):
                         xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k], n=K - k)
                     for r in pk.unroll(R):
                         wv = pk.f32x16.load_bf16(w[min(r0 + r, N - 1), k], n=K - k)
                         for i in pk.unroll(MM):
-                            acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                            acc[i, 2 * r] = pk.fma(wv, xv[i], acc[i, 2 * r])
                 for i in pk.unroll(MM):
                     for r in pk.unroll(R):
                         if m0 + i < M and r0 + r < N:
-                            y[m0 + i, r0 + r] = pk.hsum(acc[i, r])
+                            y[m0 + i, r0 + r] = pk.hsum(acc[i, 2 * r] + acc[i, 2 * r + 1])
 
 
 @pk.kernel
@@ -163,7 +167,7 @@ def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB
     for n0 in pk.prange(0, N, NB):
         for r0 in range(n0, min(n0 + NB, N), R):
             for m0 in range(0, M, MM):
-                acc = pk.tile(pk.f32x16, MM, R)
+                acc = pk.tile(pk.f32x16, MM, 2 * R)                 # [i, 2r + v]: two chains per output
                 xv = pk.tile(pk.f32x16, MM)
                 for k0 in range(0, K - 31, 32):
                     for r in pk.unroll(R):
@@ -176,15 +180,15 @@ def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB
                         for r in pk.unroll(R):
                             wv = pk.f32x16.load(w[min(r0 + r, N - 1), k0 + 16 * v])
                             for i in pk.unroll(MM):
-                                acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                                acc[i, 2 * r + v] = pk.fma(wv, xv[i], acc[i, 2 * r + v])
                 for k in range(K - K % 32, K, 16):                  # the last part lines, masked
                     for i in pk.unroll(MM):
                         xv[i] = pk.f32x16.load(x[min(m0 + i, M - 1), k], n=K - k)
                     for r in pk.unroll(R):
                         wv = pk.f32x16.load(w[min(r0 + r, N - 1), k], n=K - k)
                         for i in pk.unroll(MM):
-                            acc[i, r] = pk.fma(wv, xv[i], acc[i, r])
+                            acc[i, 2 * r] = pk.fma(wv, xv[i], acc[i, 2 * r])
                 for i in pk.unroll(MM):
                     for r in pk.unroll(R):
                         if m0 + i < M and r0 + r < N:
-                            y[m0 + i, r0 + r] = pk.hsum(acc[i, r])
+                            y[m0 + i, r0 + r] = pk.hsum(acc[i, 2 * r] + acc[i, 2 * r + 1])

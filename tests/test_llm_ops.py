@@ -239,7 +239,7 @@ def test_argmax_special_values_match_torch():
 # ---- fp32 GEMV -----------------------------------------------------------------------------------
 
 GEMV_SHAPES = [(1, 1, 16), (1, 37, 50), (3, 100, 576), (8, 45, 1536)] + ([] if INTERPRET else [(1, 960, 576), (5, 300, 4864)])
-GEMV_CONFIGS = [None, pk.Config.of(R=6, NB=16, PF=256, MM=2), pk.Config.of(R=2, NB=128, PF=1024, MM=8)]
+GEMV_CONFIGS = [None, pk.Config.of(R=6, NB=16, PF=256, MM=2), pk.Config.of(R=1, NB=128, PF=1024, MM=8)]
 
 
 @pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=str)
