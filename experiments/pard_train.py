@@ -4,6 +4,7 @@
     ./run python experiments/pard_train.py --out runs/pard-smollm2 --resume     # continue after a stop
     ./run python experiments/pard_train.py --out runs/pard-smollm2 --export     # the draft from the last checkpoint
     ./run python experiments/pard_train.py --out runs/pard-smollm2 --eval       # lossless + acceptance check
+    on a GPU: --device cuda, with --gen-minutes / --minutes budgets (the shipped draft's README has the command)
     then: LLMModel(pard_config=PardSpecDecodeConfig("runs/pard-smollm2", num_speculative_tokens=4))
 
 The draft is carved out of the target (there is no smaller SmolLM2): a few of its decoder layers
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))   # after an installed pacekern
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CHAT = ["Summarize the following text in a few sentences:\n\n{s}", "Continue this story:\n\n{s}",
@@ -131,7 +132,7 @@ def self_distill(args, target_dir: Path, tok, path: Path) -> dict:
     target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).to(dev).eval()
     todo = [(split, n, p["ids"]) for split in ("heldout", "train") for n, p in enumerate(data["prompts"][split])
             if f"{split}/{n}" not in data["seqs"] and (split == "train" or n < data["prompts"]["n_val"])]
-    todo.sort(key=lambda t: len(t[2]))                        # similar lengths together: little padding
+    todo.sort(key=lambda t: (t[0] != "heldout", len(t[2])))  # validation first; similar lengths together
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     bar = tqdm(total=len(todo), desc="self-distillation (target greedy)", unit="seq")
     t0, n_tok = time.perf_counter(), 0
@@ -149,6 +150,10 @@ def self_distill(args, target_dir: Path, tok, path: Path) -> dict:
         write_json(path, data)
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+        if args.gen_minutes and time.perf_counter() - t0 > 60 * args.gen_minutes:
+            data["stopped_at"] = len(data["seqs"])               # the time budget: train on what is there
+            tqdm.write(f"self-distillation stopped by --gen-minutes after {len(data['seqs'])} sequences")
+            break
     bar.close()
     data["complete"] = True
     write_json(path, data)
@@ -208,18 +213,27 @@ def pard_layout(n: int, n_prompt: int, P: int, r: float, r_min: float, gen: torc
     return torch.cat(blocks), torch.cat(pos)
 
 
-def pard_mask(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """[L, L] bool, True = query may attend key. Anchor a = j - b. A real token sees real tokens at
-    positions <= its own; a mask sees real tokens at positions <= its anchor and the masks of
-    blocks <= its own with the same anchor (itself included)."""
+def pard_batch_mask(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool from block / position ids [B, L], True = query may attend key; built on
+    whatever device b and j live on. Anchor a = j - b. A real token sees real tokens at positions
+    <= its own; a mask sees real tokens at positions <= its anchor and the masks of blocks <= its own
+    with the same anchor (itself included). Padding (block -1) sees only itself and is never seen."""
     a = j - b
-    real_k = (b[None, :] == 0) & (j[None, :] <= a[:, None])
-    chain = (b[None, :] >= 1) & (b[None, :] <= b[:, None]) & (a[None, :] == a[:, None])
-    return real_k | chain
+    bq, bk, aq, ak = b[:, :, None], b[:, None, :], a[:, :, None], a[:, None, :]
+    real_k = (bk == 0) & (j[:, None, :] <= aq)
+    chain = (bk >= 1) & (bk <= bq) & (ak == aq)
+    eye = torch.eye(b.shape[1], dtype=torch.bool, device=b.device)
+    return torch.where(bq < 0, eye, real_k | chain)[:, None]
+
+
+def pard_mask(b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """[L, L] mask of one unpadded sequence (see pard_batch_mask)."""
+    return pard_batch_mask(b[None], j[None])[0, 0]
 
 
 def pard_batch(seqs: list, P: int, mask_id: int, r: float, r_min: float, gen=None, pad_id: int = 0) -> dict:
-    """input_ids / position_ids / labels / depth [B, L] and attn [B, 1, L, L] bool (padded per batch)."""
+    """input_ids / position_ids / labels / depth / block [B, L] (block -1 = padding); the attention
+    mask is pard_batch_mask(block, position_ids), made on the training device."""
     items = []
     for s in seqs:
         x, n_p = torch.tensor(s["ids"]), s["n_prompt"]
@@ -227,15 +241,15 @@ def pard_batch(seqs: list, P: int, mask_id: int, r: float, r_min: float, gen=Non
         nxt = j + 1
         ok = (nxt < len(x)) & (nxt >= n_p)
         lab = torch.where(ok, x[nxt.clamp(max=len(x) - 1)], -100)
-        items.append((torch.where(b == 0, x[j], mask_id), j, lab, torch.where(ok, b + 1, 0), pard_mask(b, j)))
+        items.append((torch.where(b == 0, x[j], mask_id), j, lab, torch.where(ok, b + 1, 0), b))
     L = max(len(it[0]) for it in items)
     out = {"input_ids": torch.full((len(items), L), pad_id), "position_ids": torch.zeros(len(items), L, dtype=torch.long),
            "labels": torch.full((len(items), L), -100), "depth": torch.zeros(len(items), L, dtype=torch.long),
-           "attn": torch.eye(L, dtype=torch.bool).repeat(len(items), 1, 1, 1)}      # padding sees only itself
-    for n, (ids, j, lab, dep, m) in enumerate(items):
+           "block": torch.full((len(items), L), -1)}
+    for n, (ids, j, lab, dep, b) in enumerate(items):
         k = len(ids)
         out["input_ids"][n, :k], out["position_ids"][n, :k], out["labels"][n, :k], out["depth"][n, :k] = ids, j, lab, dep
-        out["attn"][n, 0, :k, :k] = m
+        out["block"][n, :k] = b
     return out
 
 
@@ -260,7 +274,8 @@ def pard_forward(model, batch: dict, dev, amp: bool, chunk: int = 2048, with_log
         linear = lambda hh: torch.cat([F.linear(hh, w[:-1]), F.linear(hh, row)], -1)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         h = model.model(inputs_embeds=x, position_ids=bt["position_ids"],
-                        attention_mask=attention_mask_for(model, bt["attn"]), use_cache=False).last_hidden_state
+                        attention_mask=attention_mask_for(model, pard_batch_mask(bt["block"], bt["position_ids"])),
+                        use_cache=False).last_hidden_state
         sel = bt["labels"] >= 0
         h, y, depth = h[sel], bt["labels"][sel], bt["depth"][sel]
         head = lambda hh, yy: F.cross_entropy(linear(hh).float(), yy, reduction="none")
@@ -316,6 +331,9 @@ def train(args):
     seqs = {k: dict(v, ids=v["ids"][:args.seq_len]) for k, v in data["seqs"].items()}
     train_seqs = [s for k, s in seqs.items() if k.startswith("train/") and len(s["ids"]) > s["n_prompt"] + 1]
     val_seqs = [seqs[k] for n in range(data["prompts"]["n_val"]) if (k := f"heldout/{n}") in seqs]
+    if not train_seqs or not val_seqs:
+        raise SystemExit(f"self-distillation made {len(train_seqs)} training and {len(val_seqs)} validation sequences: "
+                         f"need both (a longer --gen-minutes, or a larger --gen-batch)")
     print(f"data: {len(train_seqs)} train sequences, {sum(len(s['ids']) - s['n_prompt'] for s in train_seqs)} "
           f"generated tokens; {len(val_seqs)} held-out for validation")
 
@@ -326,28 +344,38 @@ def train(args):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = min(args.warmup, args.steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(args.steps, 1))))))
+
+    def progress() -> float:
+        """Fraction of the run done: by steps, or by time under --minutes (whichever is further)."""
+        by_time = (elapsed + time.perf_counter() - t_start) / (60 * args.minutes) if args.minutes else 0.0
+        return min(1.0, max(step / max(args.steps, 1), by_time))
+
+    def set_lr():                                             # warm-up, then cosine to lr/10
+        f = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress())))
+        for g in opt.param_groups:
+            g["lr"] = args.lr * f
     gen, rng = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
-    step, history, order = 0, [], []
+    step, history, order, elapsed = 0, [], [], 0.0
     ckpt = work / "ckpt.pt"
     if args.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False, map_location="cpu")
         if st["layers"] != args.layers:
             raise SystemExit(f"{ckpt} was trained with --layers {st['layers']}, not {args.layers}")
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
-        step, history, order = st["step"], st["history"], st["order"]
+        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
+        step, history, order, elapsed = st["step"], st["history"], st["order"], st.get("elapsed", 0.0)
         gen.set_state(st["gen"]), rng.setstate(st["rng"])
         print(f"resumed from {ckpt} at step {step}")
 
     def save_ckpt():
-        state = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+        state = dict(model=model.state_dict(), opt=opt.state_dict(), step=step, elapsed=elapsed + time.perf_counter() - t_start,
                      history=history, order=order, gen=gen.get_state(), rng=rng.getstate(), layers=args.layers)
         atomic_write(ckpt, lambda p: torch.save(state, p))
 
+    t_start = time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc="PARD training", unit="step")
-    while step < args.steps:
+    while progress() < 1.0:
         t0 = time.perf_counter()
+        set_lr()
         if len(order) < args.batch:                          # a fresh epoch
             order += rng.sample(range(len(train_seqs)), len(train_seqs))
         part, order = [train_seqs[i] for i in order[:args.batch]], order[args.batch:]
@@ -358,7 +386,6 @@ def train(args):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
         d = depth.cpu()
         by_depth = torch.zeros(args.k_train + 1).index_add_(0, d, loss_tok.detach().float().cpu()) / \
@@ -367,13 +394,14 @@ def train(args):
                         "d4": round(float(by_depth[min(4, args.k_train)]), 3), "gnorm": round(float(gnorm), 3),
                         "tokens": int(batch["input_ids"].numel()), "s": round(time.perf_counter() - t0, 3)})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", d1=f"{by_depth[1]:.2f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if step % args.val_every == 0 or step == args.steps:
+        bar.set_postfix(loss=f"{loss.item():.3f}", d1=f"{by_depth[1]:.2f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        done = progress() >= 1.0
+        if step % args.val_every == 0 or done:
             v = validate(model, val_seqs, args, dev, amp)
             history[-1]["val"] = v
             tqdm.write(f"step {step}: val loss {v['loss']:.3f} by depth {v['loss_by_depth']} "
                        f"mean accepted len {v['mean_accepted_len']}")
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or done:
             save_ckpt()
     bar.close()
     save_draft(model, args, target_dir, data, history)
@@ -418,8 +446,9 @@ def save_draft(model, args, target_dir: Path, data: dict, history: list):
     meta = {"target": str(target_dir), "settings": settings, "history": [h for n, h in enumerate(history)
                                                                          if n % thin == 0 or "val" in h],
             "final_val": next((h["val"] for h in reversed(history) if "val" in h), None),
-            "prompts": {split: [{k: p[k] for k in ("kind", "source", "passage", "text")} for p in data["prompts"][split]]
-                        for split in ("train", "heldout")},      # train: every prompt made, used or not
+            # every prompt made, used or not; the training prompts without their text (rebuilt from --seed)
+            "prompts": {split: [{k: p[k] for k in ("kind", "source", "passage", "text") if split == "heldout" or k != "text"}
+                                for p in data["prompts"][split]] for split in ("train", "heldout")},
             "train_sequences": sum(k.startswith("train/") for k in data.get("seqs", {})),
             "heldout_passages": data["prompts"]["heldout_passages"]}
     write_json(tmp / "pard_train.json", meta)
@@ -452,9 +481,9 @@ def export(args):
 # ---- evaluation with pacekern ------------------------------------------------------------------------
 def evaluate(args):
     from pacekern.llm import LLMModel, PardSpecDecodeConfig, SamplingConfig
+    from llm.speculative import heldout_prompts
     out = Path(args.out)
-    data = json.loads((out / "train" / "selfdistill.json").read_text())
-    prompts = data["prompts"]["heldout"][data["prompts"]["n_val"]:][:args.eval_prompts]   # not the val sequences
+    prompts = heldout_prompts(out, args.eval_prompts)          # held-out passages, not the validation sequences
     cfg = SamplingConfig(max_new_tokens=args.eval_tokens)
     for k in args.eval_k:
         m = LLMModel(dtype="float32", pard_config=PardSpecDecodeConfig(str(out), num_speculative_tokens=k))
@@ -471,20 +500,20 @@ def evaluate(args):
         for p in prompts:
             m.set_drafter(drafter, k)
             t = time.perf_counter()
-            s = m.generate(p["ids"], cfg)
+            s = m.generate(p, cfg)
             t_spec += time.perf_counter() - t
             m.set_drafter(None, 0)
             t = time.perf_counter()
-            ref = m.generate(p["ids"], cfg)
+            ref = m.generate(p, cfg)
             t_ref += time.perf_counter() - t
             if s.token_ids != ref.token_ids:
                 first = next(i for i, (a, b) in enumerate(zip(s.token_ids + [-1], ref.token_ids + [-1])) if a != b)
-                raise AssertionError(f"PARD output differs from plain greedy at token {first} for {p['text'][:60]!r}")
+                raise AssertionError(f"PARD output differs from plain greedy at token {first} for {str(p)[:60]!r}")
             mt = s.metrics
             if not mt.rounds:
                 continue
-            print(f"K={k} {p['kind']:4s} {mt.new_tokens:3d} tok, {mt.rounds:2d} rounds: mean_accepted_per_round "
-                  f"{mt.mean_accepted_per_round:.2f}, acceptance_rate {mt.acceptance_rate:.2f} | {p['text'][:50]!r}")
+            print(f"K={k} {'chat' if isinstance(p, list) else 'raw':4s} {mt.new_tokens:3d} tok, {mt.rounds:2d} rounds: mean_accepted_per_round "
+                  f"{mt.mean_accepted_per_round:.2f}, acceptance_rate {mt.acceptance_rate:.2f} | {str(p)[:50]!r}")
             n_more, rounds = n_more + mt.new_tokens - 1, rounds + mt.rounds      # tokens after the first
             acc, drafted = acc + mt.acceptance_rate * mt.rounds * k, drafted + mt.rounds * k
         print(f"K={k}: {len(prompts)} held-out prompts, output == plain greedy for all; "
@@ -499,6 +528,7 @@ def main(argv=None):
     ap.add_argument("--layers", default="0,1,2,29", type=lambda s: [int(x) for x in s.split(",")],
                     help="target layers copied into the draft, in order")
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--minutes", type=float, default=None, help="train for this long instead (the schedule follows time)")
     ap.add_argument("--seq-len", type=int, default=256, help="prompt + generated tokens, truncated to this")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4, help="peak; warm-up, then cosine to lr/10")
@@ -520,6 +550,7 @@ def main(argv=None):
     ap.add_argument("--gen-tokens", type=int, default=192, help="max new tokens per continuation")
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--gen-dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on cpu, bf16 on cuda")
+    ap.add_argument("--gen-minutes", type=float, default=None, help="stop self-distillation after this long")
     ap.add_argument("--gen-stop", action="store_true", help="stop self-distillation: train on the sequences made so far")
     ap.add_argument("--heldout-passages", type=int, default=40)
     ap.add_argument("--val-samples", type=int, default=16, help="held-out sequences for validation")

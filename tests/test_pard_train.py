@@ -62,7 +62,7 @@ def test_training_logits_equal_inference_logits(attn):
     batch = pt.pard_batch(seqs, 5, M, 0.7, 0.2, torch.Generator().manual_seed(3), pad_id=0)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=pt.attention_mask_for(model, batch["attn"])).logits
+                       attention_mask=pt.attention_mask_for(model, pt.pard_batch_mask(batch["block"], batch["position_ids"]))).logits
     checked = 0
     for r, s in enumerate(seqs):
         for e in range(batch["input_ids"].shape[1]):

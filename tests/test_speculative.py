@@ -174,16 +174,16 @@ def test_reduced_head_draft_cannot_generate_on_its_own(shipped):
 
 @pytest.mark.heavy
 def test_shipped_draft_acceptance_on_unseen_prompts(shipped):
-    """Tokens committed per round at K=4 on held-out prompts, and lossless. The issue's bar is 2.0;
-    the shipped draft measures 1.69 (its README: 693 training sequences, 350 steps on 2 cores), so
-    this guards against regressions of the draft and of the loop, and does not claim the bar."""
+    """Tokens committed per round at K=4 on the 16 held-out prompts of the shipped draft (passages
+    split off before any training text was made), lossless: the issue's bar is 2.0 (measured 2.18,
+    fp32, on the AMD host of 2026-11-30)."""
     m, drafter = shipped
-    prompts = heldout(8)
+    prompts = heldout(16)
     truth = greedy(m, prompts, 128)
     m.set_drafter(drafter, 4)
     outs = [m.generate(p, SamplingConfig(max_new_tokens=128)) for p in prompts]
     assert [o.token_ids for o in outs] == truth
     rounds = sum(o.metrics.rounds for o in outs)
     per_round = sum(o.metrics.mean_accepted_per_round * o.metrics.rounds for o in outs) / rounds
-    print(f"shipped PARD draft, K=4, 8 held-out prompts: {per_round:.2f} tokens per round")
-    assert per_round >= 1.6
+    print(f"shipped PARD draft, K=4, 16 held-out prompts: {per_round:.2f} tokens per round")
+    assert per_round >= 2.0
