@@ -86,11 +86,13 @@ def _untuned_rows_config(kern, x, w, y):
     import pacekern as pk
     if tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
         return None
-    # measured on SmolLM2's shapes (Zen 4, 2 threads, bf16, all 121 GEMVs of a step, interleaved):
-    # up to 3 rows, one weight stream re-read from L1 for each row is best; at 5 and 9 rows
-    # (verification at K = 4, 8) R=2 MM=3, ~1.8x and ~3x one row's time. The previous choice
-    # (MM=4-8 with R=2-4) took 3.5x at 5 rows
-    return pk.Config.of(R=1, NB=64, PF=0, MM=1) if rows <= 3 else pk.Config.of(R=2, NB=64, PF=0, MM=3)
+    # measured on SmolLM2's shapes (Zen 4, 2 threads, all 121 GEMVs of a step, interleaved): for a
+    # few rows one weight stream re-read from L1 for each row (MM=1) is best (bf16 up to 3 rows,
+    # fp32 up to 5: 1.2x one row's time); beyond, R=2 MM=3 (bf16: 1.8x at 5 rows, 3x at 9; fp32:
+    # 2x at 9). The previous choice (MM=4-8 with R=2-4) took 3.5x at 5 rows in bf16
+    if rows <= (5 if kern.name == "gemv_f32" else 3):
+        return pk.Config.of(R=1, NB=64, PF=0, MM=1)
+    return pk.Config.of(R=2, NB=64, PF=0, MM=3)
 
 
 def linear_pacekern(lin, x, y):
