@@ -88,10 +88,13 @@ def _untuned_rows_config(kern, x, w, y):
         return None
     # measured on SmolLM2's shapes (Zen 4, 2 threads, all 121 GEMVs of a step, interleaved): for a
     # few rows one weight stream re-read from L1 for each row (MM=1) is best (bf16 up to 3 rows,
-    # fp32 up to 5: 1.2x one row's time); beyond, R=2 MM=3 (bf16: 1.8x at 5 rows, 3x at 9; fp32:
-    # 2x at 9). The previous choice (MM=4-8 with R=2-4) took 3.5x at 5 rows in bf16
+    # fp32 up to 5: 1.2x one row's time). bf16 at 4-6 rows (verification at K = 3-5): all rows per
+    # weight load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no
+    # prefetch: 2.3x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at 9 rows; fp32 2x at 9)
     if rows <= (5 if kern.name == "gemv_f32" else 3):
         return pk.Config.of(R=1, NB=64, PF=0, MM=1)
+    if kern.name == "gemv_bf16":
+        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 6 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
     return pk.Config.of(R=2, NB=64, PF=0, MM=3)
 
 
