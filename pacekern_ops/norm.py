@@ -14,7 +14,8 @@ calls carry no Python scalars.
 
 Rows are independent. At decode (a few rows of a few hundred floats) a parallel region costs more
 than the whole op (~10 us to wake the threads against ~0.1 us of work), so rows run on one thread
-unless R * H >= PAR.
+unless R * H >= PAR. PAR = 2^16 parallelizes a 128-token prefill of a 576-wide model (SmolLM2: the
+61 add_rmsnorm calls of a prefill 4.3 ms -> ~1 ms on 2 threads) and no decode step up to 113 rows.
 """
 import torch
 
@@ -37,7 +38,7 @@ def ref_add_rmsnorm(x, res, w, eps, out):
     return h, _ref_norm(h, w, eps)
 
 
-SPACE = pk.Space(PAR=pk.choice(1 << 16, 1 << 18, 1 << 62), default=dict(PAR=1 << 18))
+SPACE = pk.Space(PAR=pk.choice(1 << 16, 1 << 18, 1 << 62), default=dict(PAR=1 << 16))
 
 
 @pk.func
