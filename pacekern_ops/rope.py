@@ -53,7 +53,7 @@ def ref(qkv, start, cos, sin, q, kc, vc):
     return q_out, kc_out, vc_out
 
 
-SPACE = pk.Space(PAR=pk.choice(1 << 16, 1 << 18, 1 << 62), default=dict(PAR=1 << 18))
+SPACE = pk.Space(PAR=pk.choice(1 << 16, 1 << 18, 1 << 62), default=dict(PAR=1 << 16))   # 2^16: a 128-token prefill on all threads
 
 
 @pk.func
