@@ -108,9 +108,8 @@ def bench_llm(model_name=None, prompt_tokens: int = 128, new_tokens: int = 128, 
     out = []
     for (e, b), rs in runs.items():
         med = [statistics.median(x[i] for x in rs) for i in range(4)]
-        fmt = {"pacekern bf16": "bf16", "pacekern int8": "int8", "pacekern int4": "int4"}.get(e)
         out.append(LLMBenchRow(e, b, med[0] * 1e3, med[1] * 1e3, med[2], med[3],
-                               spec.weight_bytes(fmt) / 1e6 if fmt else None))
+                               ours[e].weights.decode_bytes() / 1e6 if e in ours else None))
     return out, statistics.median(bw)
 
 

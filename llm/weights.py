@@ -8,7 +8,9 @@ Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
         activations stay fp32 and are quantized to 16-bit fixed point inside the GEMV)
   int4  u8 [N, KP/2] two 4-bit weights per byte + bf16 scale and min per 32 weights (weights="int4",
         like llama.cpp's Q4_1; pacekern_ops/gemv_int4.py; activations are quantized per 32 values
-        to int8 inside the GEMV)
+        to int8 inside the GEMV). The LM head stays int8 when 4 bits would round it for the first
+        time (a source head that was not 4-bit: more than HEAD_INT4_MAX_ERROR relative error), as
+        llama.cpp keeps its output layer at 6 bits in Q4 files
 Layouts for the prefill GEMMs (packed panels) are built lazily, the first time a prompt is long
 enough to use them, so a decode-only process never holds them.
 """
@@ -21,6 +23,10 @@ from pathlib import Path
 import torch
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# relative Frobenius error of a 4-bit LM head above which weights="int4" keeps the head in int8: a
+# head whose source was 4-bit comes back at ~0.5% (quantize_int4 recovers the grid), one that was
+# 6- or 8-bit lands at ~4% (SmolLM2's: perplexity +11% with it at 4 bits, +0.1% with it at int8)
+HEAD_INT4_MAX_ERROR = 0.02
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class ModelSpec:
         return self.n_heads + 2 * self.n_kv_heads
 
     def weight_bytes(self, fmt: str) -> int:
-        """Bytes of weights read per decoded token (every linear layer once; embeddings are a lookup)."""
+        """Bytes of weights read per decoded token (every linear layer once; embeddings are a lookup),
+        from the shapes alone: no scales or padding (Weights.decode_bytes counts what is stored)."""
         per = {"f32": 4, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}[fmt]
         h, d = self.hidden, self.head_dim
         layer = h * self.qkv_heads * d + self.n_heads * d * h + 3 * h * self.ffn
@@ -142,6 +149,13 @@ class Weights:
     lm_head: Linear           # [V, H], or [N, H] for a draft that proposes only N tokens
     head_ids: torch.Tensor | None = None   # i64 [N]: the token id of each head row (None: row = id)
 
+    def decode_bytes(self) -> int:
+        """Bytes the linear layers read per decoded token as stored: codes, scales, mins, row sums
+        and padding (the DRAM roofline's numerator; embeddings are a lookup)."""
+        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(t.nbytes for lin in lins + [self.lm_head] for t in (lin.w, lin.scale, lin.wsum, lin.mins, lin.bias)
+                   if t is not None)
+
 
 def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
     """Read the safetensors of an HF directory and lay the weights out for the kernels."""
@@ -190,6 +204,8 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
             raise ValueError(f"{d}: lm_head.ids must be token ids in 0 .. {spec.vocab - 1}")
         head = head[head_ids]
     lm_head = make("lm_head", head.contiguous())
+    if codes and codes.rel_error("lm_head", head, lm_head) > HEAD_INT4_MAX_ERROR:
+        lm_head = Linear.make(head.contiguous(), "int8")
     if codes:
         codes.save()
     return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), lm_head, head_ids)
@@ -229,6 +245,13 @@ class Int4Codes:
         self.new.update({f"{name}.w": lin.w, f"{name}.scale": lin.scale, f"{name}.mins": lin.mins,
                          f"{name}.k": torch.tensor(lin.k)})
         return lin
+
+    def rel_error(self, name: str, w: torch.Tensor, lin: Linear) -> float:
+        """||dequantized - w|| / ||w|| of a 4-bit linear, kept beside its codes."""
+        key = f"{name}.err"
+        if key not in self.cached and key not in self.new:
+            self.new[key] = torch.tensor([float((lin.dequantized() - w.float()).norm() / w.float().norm().clamp(min=1e-30))])
+        return float({**self.cached, **self.new}[key][0])
 
     def save(self) -> None:
         """Write the codes if any were quantized now (atomically: a crash leaves no half file)."""

@@ -110,3 +110,46 @@ def test_int4_codes_are_cached_and_a_damaged_cache_is_rebuilt(tmp_path):
     assert torch.equal(third.make("layer.o", w).w, a.w)
     third.save()
     assert "layer.o.w" in Int4Codes([src], cache_dir=tmp_path / "cache").cached
+
+
+@pytest.mark.parametrize("four_bit_source", [False, True])
+def test_int4_model_keeps_a_head_int8_unless_it_was_4_bit(tmp_path, monkeypatch, four_bit_source):
+    """weights="int4": the LM head goes to 4 bits only when that loses (almost) nothing, i.e. when its
+    source was already on a 4-bit grid; otherwise it stays int8 (SmolLM2's tied head, Q8_0 in its GGUF)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llm.weights import HEAD_INT4_MAX_ERROR, Int4Codes, ModelSpec, load
+    monkeypatch.setenv("PACEKERN_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if four_bit_source:                                              # the embedding/head as a 4-bit file would hold it
+        e = model.model.embed_tokens.weight
+        q, s, mn = quantize_int4(e.detach())
+        with torch.no_grad():
+            e.copy_(dequantize_int4(q, s, mn, e.shape[1]))
+    model.save_pretrained(tmp_path / "m")
+    w = load(tmp_path / "m", ModelSpec.from_dir(tmp_path / "m"), "int4")
+    assert w.layers[0].gate_up.fmt == "int4"
+    assert w.lm_head.fmt == ("int4" if four_bit_source else "int8")
+    err = Int4Codes(sorted((tmp_path / "m").glob("*.safetensors"))).cached["lm_head.err"]
+    assert (float(err) <= HEAD_INT4_MAX_ERROR) == four_bit_source     # the decision's input is cached with the codes
+    torch.testing.assert_close(w.lm_head.dequantized(), model.lm_head.weight.detach(), rtol=0, atol=0.02 * float(w.embed.abs().max()))
+
+
+def test_decode_bytes_count_what_is_stored(tmp_path, monkeypatch):
+    """Weights.decode_bytes (bench llm's roofline): exactly 2 bytes per weight in bf16; in int4 the
+    codes of K padded to 512, the bf16 scale and min per 32, and the int8 head with its row data."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llm.weights import ModelSpec, load
+    monkeypatch.setenv("PACEKERN_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    spec = ModelSpec.from_dir(tmp_path / "m")
+    assert load(tmp_path / "m", spec, "bf16").decode_bytes() == spec.weight_bytes("bf16")
+    w = load(tmp_path / "m", spec, "int4")
+    rows = (64 + 2 * 32) + 64 + 2 * 128 + 64                         # qkv, o, gate_up, down; K (64, 128) -> 512
+    int4 = rows * (512 // 2 + 2 * 2 * 512 // 32)                      # 4-bit codes + bf16 scale and min per 32
+    assert w.lm_head.fmt == "int8"
+    assert w.decode_bytes() == int4 + 96 * 64 + 96 * 4 + 96 * 4      # head: int8 codes, f32 scale, i32 row sums

@@ -169,7 +169,7 @@ def test_int4_weights_match_torch_int4_and_dequantized_fp32():
     deq = LLMModel(dtype="float32")                      # plans are built at the first forward: swap weights first
 
     def dequantized(lin):
-        assert lin.fmt == "int4"
+        assert lin.fmt == "int4" or lin is ours.weights.lm_head      # SmolLM2's head stays int8 (weights.py)
         return dataclasses.replace(lin, fmt="f32", w=lin.dequantized(), scale=None, mins=None, k_in=None)
     deq.weights.lm_head = dequantized(ours.weights.lm_head)
     for a, b in zip(deq.weights.layers, ours.weights.layers):

@@ -1,7 +1,7 @@
 """Perplexity on Botchan (8 windows x 512 tokens) of our engine beside HF transformers on the same
-weights: fp32 within 0.5%, bf16 within 1% of HF bf16, int8 weights within 3% of HF fp32, int4 weights
-within 15% (measured +11% on SmolLM2, whose tied embedding/LM head is not 4-bit in its source GGUF;
-+3.0% on Qwen2.5-Coder-1.5B, whose Q4_K layers int4 reproduces)."""
+weights: fp32 within 0.5%, bf16 within 1% of HF bf16, int8 and int4 weights within 3% of HF fp32
+(int4 measured +0.4% on SmolLM2, whose LM head stays int8 because its source is not 4-bit: +11% with
+it at 4 bits; Qwen2.5-Coder-1.5B +1.4% over bf16 on 2 windows, +3.0% with a 4-bit head)."""
 import os
 
 import pytest
@@ -34,7 +34,7 @@ def hf_ppl(ids_and_path):
 
 @pytest.mark.parametrize("dtype, weights, ref, tol", [
     ("float32", "native", torch.float32, 0.005), ("bfloat16", "native", torch.bfloat16, 0.01),
-    ("bfloat16", "int8", torch.float32, 0.03), ("bfloat16", "int4", torch.float32, 0.15)])
+    ("bfloat16", "int8", torch.float32, 0.03), ("bfloat16", "int4", torch.float32, 0.03)])
 def test_perplexity_matches_hf(ids_and_path, hf_ppl, dtype, weights, ref, tol):
     ids, m32 = ids_and_path
     m = m32 if dtype == "float32" else LLMModel(dtype=dtype, weights=weights)
