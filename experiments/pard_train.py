@@ -528,7 +528,7 @@ def main(argv=None):
     ap.add_argument("--layers", default="0,1,2,29", type=lambda s: [int(x) for x in s.split(",")],
                     help="target layers copied into the draft, in order")
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--minutes", type=float, default=None, help="train for this long instead (the schedule follows time)")
+    ap.add_argument("--minutes", type=float, default=None, help="train for this long (the schedule follows time; --steps still caps the run)")
     ap.add_argument("--seq-len", type=int, default=256, help="prompt + generated tokens, truncated to this")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4, help="peak; warm-up, then cosine to lr/10")

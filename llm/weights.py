@@ -179,8 +179,8 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
 
     codes = Int4Codes(files) if fmt == "int4" else None
 
-    def make(name, w, bias=None):
-        return codes.make(name, w, bias) if codes else Linear.make(w, fmt, bias)
+    def make(name, w, bias=None, max_error=None):
+        return codes.make(name, w, bias, max_error) if codes else Linear.make(w, fmt, bias)
 
     layers = []
     for i in range(spec.n_layers):
@@ -203,9 +203,8 @@ def load(d: Path, spec: ModelSpec, fmt: str) -> Weights:
         if head_ids.ndim != 1 or not 0 <= int(head_ids.min()) <= int(head_ids.max()) < spec.vocab:
             raise ValueError(f"{d}: lm_head.ids must be token ids in 0 .. {spec.vocab - 1}")
         head = head[head_ids]
-    lm_head = make("lm_head", head.contiguous())
-    if codes and codes.rel_error("lm_head", head, lm_head) > HEAD_INT4_MAX_ERROR:
-        lm_head = Linear.make(head.contiguous(), "int8")
+    head = head.contiguous()
+    lm_head = make("lm_head", head, max_error=HEAD_INT4_MAX_ERROR) or Linear.make(head, "int8")
     if codes:
         codes.save()
     return Weights(spec, fmt, embed, layers, norm_w("model.norm.weight"), lm_head, head_ids)
@@ -236,22 +235,26 @@ class Int4Codes:
                 from pacekern.log import log
                 log.warning(f"ignoring the unreadable int4 cache {self.path} ({e}); quantizing again")
 
-    def make(self, name: str, w: torch.Tensor, bias=None) -> Linear:
+    def make(self, name: str, w: torch.Tensor, bias=None, max_error: float | None = None) -> Linear | None:
+        """The 4-bit linear for w, from the cache or quantized now. With max_error: None instead when
+        ||dequantized - w|| / ||w|| exceeds it (the error is cached; rejected codes are not)."""
+        err = self.cached.get(f"{name}.err")
+        if max_error is not None and err is not None and float(err[0]) > max_error:
+            return None
         b = None if bias is None else bias.float().contiguous()
-        if f"{name}.w" in self.cached and self.cached[f"{name}.k"].item() == w.shape[1]:
-            c = self.cached
-            return Linear("int4", c[f"{name}.w"], scale=c[f"{name}.scale"], mins=c[f"{name}.mins"], bias=b, k_in=w.shape[1])
-        lin = Linear.make(w, "int4", bias)
-        self.new.update({f"{name}.w": lin.w, f"{name}.scale": lin.scale, f"{name}.mins": lin.mins,
-                         f"{name}.k": torch.tensor(lin.k)})
+        c = self.cached
+        cached = f"{name}.w" in c and c[f"{name}.k"].item() == w.shape[1]
+        lin = (Linear("int4", c[f"{name}.w"], scale=c[f"{name}.scale"], mins=c[f"{name}.mins"], bias=b, k_in=w.shape[1])
+               if cached else Linear.make(w, "int4", bias))
+        if max_error is not None and err is None:             # measured once, kept beside the codes
+            err = float((lin.dequantized() - w.float()).norm() / w.float().norm().clamp(min=1e-30))
+            self.new[f"{name}.err"] = torch.tensor([err])
+            if err > max_error:
+                return None
+        if not cached:
+            self.new.update({f"{name}.w": lin.w, f"{name}.scale": lin.scale, f"{name}.mins": lin.mins,
+                             f"{name}.k": torch.tensor(lin.k)})
         return lin
-
-    def rel_error(self, name: str, w: torch.Tensor, lin: Linear) -> float:
-        """||dequantized - w|| / ||w|| of a 4-bit linear, kept beside its codes."""
-        key = f"{name}.err"
-        if key not in self.cached and key not in self.new:
-            self.new[key] = torch.tensor([float((lin.dequantized() - w.float()).norm() / w.float().norm().clamp(min=1e-30))])
-        return float({**self.cached, **self.new}[key][0])
 
     def save(self) -> None:
         """Write the codes if any were quantized now (atomically: a crash leaves no half file)."""
