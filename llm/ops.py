@@ -130,11 +130,12 @@ def linear_pacekern(lin, x, y):
         from pacekern_ops import gemm_bf16
         if lin.packed is None:
             lin.packed = gemm_bf16.pack(lin.w.t())
-        xb, wp = torch.empty(x.shape, dtype=torch.bfloat16), lin.packed
+        xb = torch.empty(x.shape, dtype=torch.bfloat16)
+        mm = gemm_bf16.prepare(xb, lin.packed, y)
 
         def call():
             xb.copy_(x)                                          # round to bf16 (RNE), as the kernels expect
-            gemm_bf16.gemm_bf16(xb, wp, y)
+            mm()
     return _bias(call, y, lin)
 
 

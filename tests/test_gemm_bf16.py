@@ -132,6 +132,20 @@ def test_gemm_bf16_dispatch(m, n, k):
     assert torch.equal(yb, y.bfloat16())
 
 
+@pytest.mark.parametrize("m,n,k", [(40, 33, 64), (3, 20, 37)])
+def test_prepared_gemm_bf16_reruns_on_new_values(m, n, k):
+    """The bound call (LLM prefill plans) equals the plain one, also after x changes in place;
+    odd K takes the plain call's padding path."""
+    x, w = make(m, n, k)
+    wp, y = g.pack(w), torch.empty(m, n)
+    call = g.prepare(x, wp, y)
+    call()
+    assert_close_f32(y, torch_ref(x, w), k)
+    x.copy_(make(m, n, k, seed=1)[0])
+    call()
+    assert_close_f32(y, torch_ref(x, w), k)
+
+
 def test_gemm_bf16_picks_kernel_by_level():
     assert g.use_amx(64, 64) == HAS_AMX
     assert not g.use_amx(64, 48)                           # K % 32 != 0: AVX512 kernel at every level
