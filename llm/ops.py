@@ -100,7 +100,12 @@ def _untuned_rows_config(kern, x, w, y):
 
 def linear_pacekern(lin, x, y):
     rows = x.shape[0]
-    if lin.fmt == "int8":                                        # 16-bit activations x int8 weights on VNNI
+    if lin.fmt == "int8" and rows > GEMV_MAX_ROWS and lin.k % 4 == 0:   # prefill: the same activations, a GEMM
+        from pacekern_ops import gemm_s8x16
+        if lin.packed is None:
+            lin.packed = gemm_s8x16.pack_weight(lin.w.t())
+        call = gemm_s8x16.prepare(x, lin.packed, lin.scale, lin.wsum, y)
+    elif lin.fmt == "int8":                                      # 16-bit activations x int8 weights on VNNI
         from pacekern_ops.gemv import gemv_s8, quantize_x16
         xh, xl = torch.empty(x.shape, dtype=torch.uint8), torch.empty(x.shape, dtype=torch.uint8)
         xs = torch.empty(rows)

@@ -5,7 +5,8 @@ Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
   f32   fp32 [N, K]                      (dtype="float32")
   bf16  bf16 [N, K]                      (dtype="bfloat16", the default)
   int8  int8 [N, K] + f32 scale per output channel, symmetric (weights="int8"; weight-only:
-        activations stay fp32 and are quantized to 16-bit fixed point inside the GEMV)
+        activations stay fp32 and are quantized to 16-bit fixed point per row for the GEMV, and for
+        the prefill GEMM pacekern_ops/gemm_s8x16.py)
   int4  u8 [N, KP/2] two 4-bit weights per byte + bf16 scale and min per 32 weights (weights="int4",
         like llama.cpp's Q4_1; pacekern_ops/gemv_int4.py; activations are quantized per 32 values
         to int8 inside the GEMV). The LM head stays int8 when 4 bits would round it for the first

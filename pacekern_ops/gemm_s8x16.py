@@ -1,0 +1,107 @@
+"""int8-weight GEMM for LLM prefill: y[M, N] = x[M, K] @ (w * scale[:, None])^T, weights int8
+per output channel (gemv.quantize_rows), x as 16-bit fixed point per row (gemv.quantize_x16: the
+same activations decode's gemv_s8 takes, so a prompt and a decode step see the same inputs).
+
+x = s (u - 32768) with u = 256 h + l (h, l: its high and low bytes), hence per output
+
+    x.w / s = 256 sum_k (h - 128) w + sum_k l w = 256 (h.w - 128 sum(w)) + l.w
+
+Both dot products are exact in i32 (vpdpbusd, u8 x s8; |h.w| <= 255 * 127 * K fits up to
+K = 66k) and so is h.w - 128 sum(w) (|.| <= 128 * 127 * K); only the final combination and scaling
+round, in f32 (relative error ~1e-7; gemv_s8 combines in float64, so the two agree to that, not
+bit for bit).
+
+Layout and blocking are gemm_u8s8_vnni's: weights packed once by gemm_u8s8.pack_weight (per 16
+output columns, K/4 rows of 64 bytes: one vpdpbusd operand), an MR x NV register tile for each of
+h.w and l.w that shares every weight load between the two, threads split blocks of MC rows x NS
+strips of 16 NV columns. x travels as int32 views xh4, xl4 [M, K/4] (one broadcast puts 4 bytes
+of a row in every lane), so K must be a multiple of 4 (every LLM here has K % 64 == 0).
+"""
+import torch
+
+import pacekern as pk
+
+from .gemm_u8s8 import pack_weight, unpack
+from .gemv import quantize_x16
+
+M, N, K4 = pk.dims("M N K4")
+
+
+def ref(xh4, xl4, xs, wp, scale, wsum, y):
+    """float64 of the exact result for the 16-bit activations the kernel is given."""
+    h = torch.as_tensor(xh4).contiguous().view(torch.uint8).double()
+    lo = torch.as_tensor(xl4).contiguous().view(torch.uint8).double()
+    w = unpack(wp, y.shape[1]).double()                                   # [K padded to 4, N]
+    x = (h * 256 + lo - 32768) * torch.as_tensor(xs).double()[:, None]
+    return ((x @ w) * torch.as_tensor(scale).double()[None, :]).float()
+
+
+def _prune(c, d, cpu):
+    # enough blocks for every thread when the problem allows; no taller register tile than M
+    blocks = -(-d["M"] // c.MC) * -(-d["N"] // (16 * c.NV * c.NS))
+    return blocks >= min(cpu.threads, -(-d["M"] // 32) * -(-d["N"] // 64)) and (c.MR <= d["M"] or c.MR == 1)
+
+
+SPACE = pk.Space(
+    MR=pk.choice(1, 2, 3, 4, 5, 6), NV=pk.choice(1, 2, 3, 4), MC=pk.choice(32, 64, 128), NS=pk.choice(1, 2, 4, 8),
+    # two accumulator tiles (h.w, l.w), NV weight vectors, two broadcasts per row (LLVM hoists all
+    # the broadcasts of a k4 step above its vpdpbusd)
+    where=lambda c: 2 * c.MR * c.NV + c.NV + 2 * c.MR <= 32,
+    prune=_prune,
+    default=dict(MR=5, NV=2, MC=64, NS=2))
+
+
+@pk.kernel(space=SPACE, ref=ref, key={"M": "pow2"})
+def gemm_s8x16(xh4: pk.i32[M, K4], xl4: pk.i32[M, K4], xs: pk.f32[M], wp: pk.s8[pk.cdiv(N, 16), K4, 64],
+               scale: pk.f32[N], wsum: pk.i32[N], y: pk.Out[pk.f32[M, N]], *, MR, NV, MC, NS):
+    npn = pk.cdiv(N, 16)                                      # weight panels
+    nn = pk.cdiv(N, 16 * NV * NS)
+    for t in pk.prange(0, pk.cdiv(M, MC) * nn):               # blocks of MC rows x NS strips of 16 NV columns
+        m0 = (t // nn) * MC
+        m1 = min(m0 + MC, M)
+        n0 = (t % nn) * (16 * NV * NS)
+        n1 = min(n0 + 16 * NV * NS, N)
+        for j0 in range(n0, n1, 16 * NV):
+            for i0 in range(m0, m1, MR):
+                hi = pk.tile(pk.i32x16, MR, NV)
+                lo = pk.tile(pk.i32x16, MR, NV)
+                b = pk.tile(pk.s8x64, NV)
+                for k4 in range(K4):
+                    for j in pk.unroll(NV):
+                        b[j] = pk.s8x64.load(wp[min(j0 // 16 + j, npn - 1), k4, 0])
+                    for i in pk.unroll(MR):
+                        # 4 high / low bytes of row i in every lane; rows past m1 repeat m1 - 1 (not stored)
+                        ah = pk.bitcast(pk.i32x16.bcast(xh4[min(i0 + i, m1 - 1), k4]), pk.u8x64)
+                        al = pk.bitcast(pk.i32x16.bcast(xl4[min(i0 + i, m1 - 1), k4]), pk.u8x64)
+                        for j in pk.unroll(NV):
+                            hi[i, j] = pk.dot4_u8s8(hi[i, j], ah, b[j])
+                            lo[i, j] = pk.dot4_u8s8(lo[i, j], al, b[j])
+                for j in pk.unroll(NV):
+                    jc = min(j0 + 16 * j, N - 1)
+                    nv = n1 - j0 - 16 * j                     # valid lanes (<= 0: strip past the block)
+                    ws = pk.i32x16.load(wsum[jc], n=nv) * 128
+                    sc = pk.f32x16.load(scale[jc], n=nv)
+                    for i in pk.unroll(MR):
+                        if i0 + i < m1:
+                            v = pk.to_f32(hi[i, j] - ws) * 256.0 + pk.to_f32(lo[i, j])      # x.w / s, exact until here
+                            pk.store(y[i0 + i, jc], v * (sc * xs[i0 + i]), n=nv)
+
+
+def prepare(x: torch.Tensor, wp: torch.Tensor, scale: torch.Tensor, wsum: torch.Tensor, y: torch.Tensor):
+    """The zero-argument call y = x @ (w * scale)^T on fixed buffers (LLM prefill plans): quantize
+    x to 16 bits, then gemm_s8x16. wp = pack_weight(w.t()) for w [N, K] int8; K % 4 == 0."""
+    m, k = x.shape
+    if k % 4:
+        raise ValueError(f"gemm_s8x16: K={k} must be a multiple of 4 (x is read as 4-byte groups)")
+    xh, xl = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8)
+    xs = torch.empty(m)
+    quant = quantize_x16.prepare(x, xh, xl, xs)
+    mm = gemm_s8x16.prepare(xh.view(torch.int32), xl.view(torch.int32), xs, wp, scale, wsum, y)
+
+    def call():
+        quant()
+        mm()
+    return call
+
+
+__all__ = ["gemm_s8x16", "pack_weight", "prepare", "ref"]

@@ -1,0 +1,92 @@
+"""int8-weight prefill GEMM (16-bit activations): against PyTorch in float64, against the decode
+GEMV on the same quantized weights, extreme values, bad input and the machine code.
+
+Runs in every mode: PACEKERN_INTERPRET=1 (small shapes), PACEKERN_ISA=avx2 (generic lowering of
+vpdpbusd) and natively.
+"""
+import re
+
+import pytest
+import torch
+
+import pacekern as pk
+from pacekern import env
+from pacekern.isa import LEVELS
+from pacekern_ops import gemm_s8x16 as g
+from pacekern_ops.gemv import gemv_s8_linear, quantize_rows, quantize_x16
+
+INTERP = env.flag("PACEKERN_INTERPRET")
+LEVEL = pk.target().level
+SHAPES = [(17, 20, 64), (3, 37, 72)] if INTERP else [(17, 20, 64), (40, 100, 576), (129, 48, 1536), (5, 33, 68)]
+
+
+def torch_linear(x, q, scale):
+    """The weight-only int8 linear in float64 from the fp32 activations (no activation rounding)."""
+    return x.double() @ (q.double() * scale.double()[:, None]).t()
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matches_torch_and_the_decode_gemv(m, n, k):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    q, scale, wsum = quantize_rows(w)
+    y = torch.empty(m, n)
+    g.prepare(x, g.pack_weight(q.t()), scale, wsum, y)()
+    want = torch_linear(x, q, scale)
+    # 16-bit activations: |x - x16| <= max|x| / 65534 per row, so ~1e-4 of the output's scale
+    torch.testing.assert_close(y.double(), want, rtol=1e-3, atol=2e-4 * float(want.abs().max()))
+    # the decode GEMV on the same activations: equal up to the final f32 rounding (it combines in f64)
+    y2 = gemv_s8_linear(x, q, scale, wsum, torch.empty(m, n))
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6 * float(y2.abs().max()))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES[:2])
+def test_kernel_against_its_reference(m, n, k):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen)
+    q, scale, wsum = quantize_rows(torch.randn(n, k, generator=gen))
+    xh, xl, xs = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+    quantize_x16(x, xh, xl, xs)
+    args = (xh.view(torch.int32), xl.view(torch.int32), xs, g.pack_weight(q.t()), scale, wsum, torch.empty(m, n))
+    pk.check(g.gemm_s8x16, *args)
+    for cfg in [pk.Config.of(MR=1, NV=1, MC=32, NS=1), pk.Config.of(MR=3, NV=3, MC=32, NS=4)]:
+        pk.check(g.gemm_s8x16, *args, config=cfg)
+
+
+def test_extremes_do_not_overflow():
+    """Full-scale activations (high bytes 0 and 255) against +-127 weights over a long K: h.w reaches
+    255 * 127 * K, beyond 16-bit and 2**24 partial sums; still exact before the final scaling."""
+    m, n, k = (4, 16, 256) if INTERP else (8, 32, 4096)
+    x = torch.full((m, k), 1.0)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    scale, wsum = torch.ones(n), w.sum(1, dtype=torch.int32)
+    y = torch.empty(m, n)
+    g.prepare(x, g.pack_weight(w.t()), scale, wsum, y)()
+    want = torch_linear(x, w, scale)
+    assert float(want.abs().max()) == 127 * k
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6 * 127 * k)
+
+
+def test_bad_k_is_an_error():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        g.prepare(torch.randn(20, 6), torch.zeros(1, 2, 64, dtype=torch.int8), torch.ones(3), torch.zeros(3, dtype=torch.int32),
+                  torch.empty(20, 3))
+
+
+def test_asm_inner_loop_vpdpbusd_zmm_no_spills():
+    if INTERP:
+        pytest.skip("interpret mode generates no machine code")
+    if LEVELS.index(LEVEL) < LEVELS.index("avx512_vnni_bf16"):
+        pytest.skip(f"vpdpbusd needs VNNI (this run: {LEVEL})")
+    rep = g.gemm_s8x16.asm()
+    loops = [lp for lp in rep.inner_loops if "vpdpbusd" in lp]
+    assert loops, rep.summary()
+    cfg = g.SPACE.default_config()
+    n = len(re.findall(r"\bvpdpbusd\b", loops[0]))
+    assert n > 0 and n % (2 * cfg.MR * cfg.NV) == 0, (n, cfg)
+    assert "%zmm" in loops[0] and "%ymm" not in loops[0]
+    spills = [ln for ln in loops[0].splitlines() if re.search(r"%[xyz]mm\d+", ln) and re.search(r"\(%r[sb]p\)", ln)]
+    assert not spills, spills
