@@ -180,3 +180,23 @@ def test_int4_weights_match_torch_int4_and_dequantized_fp32():
     assert float((got - ref).abs().max()) <= 0.05 * spread
     assert float((got - exact).abs().max()) <= 0.05 * spread
     assert int(got.argmax()) == int(ref.argmax()) == int(exact.argmax())
+
+
+def test_int8_prefill_gemm_matches_torch_int8_and_the_decode_gemv():
+    """weights="int8": a prompt longer than GEMV_MAX_ROWS runs the prefill GEMM (gemm_s8x16); its
+    logits at every position equal PyTorch's own int8 matmul (_weight_int8pack_mm on the same int8
+    weights, fp32 activations) within our 16-bit activation rounding, and a short prompt through the
+    GEMV gives the GEMM's logits for its positions within the same bound (the two linears differ by
+    ~1e-7 in their last rounding, which flips a few 16-bit activation codes in later layers)."""
+    from llm.ops import GEMV_MAX_ROWS, OpConfig
+    ours = LLMModel(dtype="bfloat16", weights="int8")
+    theirs = LLMModel(dtype="bfloat16", weights="int8", opconfig=OpConfig(linear="torch"))
+    ids = ours.encode(" ".join(PROMPTS))
+    assert len(ids) > GEMV_MAX_ROWS
+    got, ref = ours.logits(ids), theirs.logits(ids)
+    spread = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 2e-3 * spread
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    short = ours.logits(ids[:GEMV_MAX_ROWS])
+    assert float((short - got[:GEMV_MAX_ROWS]).abs().max()) <= 2e-3 * spread
+    assert torch.equal(short.argmax(-1), got[:GEMV_MAX_ROWS].argmax(-1))
