@@ -68,10 +68,10 @@ def linear_torch(lin, x, y):
     elif lin.fmt == "int8":                                      # torch's own weight-only int8 matmul
         call = lambda: y.copy_(torch.ops.aten._weight_int8pack_mm(x, lin.w, lin.scale))
     else:                                                        # torch's own int4 matmul on the same codes
-        if lin.packed is None:
+        if lin.torch_packed is None:
             from pacekern_ops.gemv_int4 import torch_int4_pack
-            lin.packed = torch_int4_pack(lin.w, lin.scale, lin.mins, lin.k)
-        wp, scales_zeros = lin.packed
+            lin.torch_packed = torch_int4_pack(lin.w, lin.scale, lin.mins, lin.k)
+        wp, scales_zeros = lin.torch_packed
         call = lambda: y.copy_(torch.ops.aten._weight_int4pack_mm_for_cpu(x, wp, 32, scales_zeros))
     return _bias(call, y, lin)
 
@@ -114,6 +114,11 @@ def linear_pacekern(lin, x, y):
         def call():
             quant()
             mm()
+    elif lin.fmt == "int4" and rows > GEMV_MAX_ROWS:             # prefill: the same activations, a GEMM
+        from pacekern_ops import gemm_int4
+        if lin.packed is None:
+            lin.packed = gemm_int4.pack(lin.w, lin.scale, lin.mins)
+        call = gemm_int4.prepare(x, lin.packed, y)
     elif lin.fmt == "int4":                                      # int8 activations x 4-bit weights on VNNI
         from pacekern_ops.gemv_int4 import activation_buffers, gemv_int4, quantize_x8
         xq, xs, xm = activation_buffers(rows, lin.k)

@@ -9,7 +9,7 @@ Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
         the prefill GEMM pacekern_ops/gemm_s8x16.py)
   int4  u8 [N, KP/2] two 4-bit weights per byte + bf16 scale and min per 32 weights (weights="int4",
         like llama.cpp's Q4_1; pacekern_ops/gemv_int4.py; activations are quantized per 32 values
-        to int8 inside the GEMV). The LM head stays int8 when 4 bits would round it for the first
+        to int8 inside the GEMV, and for the prefill GEMM pacekern_ops/gemm_int4.py). The LM head stays int8 when 4 bits would round it for the first
         time (a source head that was not 4-bit: more than HEAD_INT4_MAX_ERROR relative error), as
         llama.cpp keeps its output layer at 6 bits in Q4 files
 Layouts for the prefill GEMMs (packed panels) are built lazily, the first time a prompt is long
@@ -91,7 +91,8 @@ class Linear:
     scale: torch.Tensor | None = None         # int8: f32 [N] per output channel; int4: bf16 [N, KP/32] per group
     wsum: torch.Tensor | None = None          # int8: i32 [N] row sums (gemv_s8's unsigned-offset correction)
     bias: torch.Tensor | None = None          # f32 [N]
-    packed: torch.Tensor | None = field(default=None, repr=False)
+    packed: torch.Tensor | tuple | None = field(default=None, repr=False)
+    torch_packed: tuple | None = field(default=None, repr=False)     # int4: torch's own int4 layout (OpConfig linear="torch")
     mins: torch.Tensor | None = None          # int4: bf16 [N, KP/32] per group
     k_in: int | None = None                   # int4: K before padding to a multiple of 512
 
