@@ -121,6 +121,39 @@ def build_gemm_u8s8(M, N, K):
     return build_problem(M, N, K)
 
 
+def build_gemm_s8x16(M, N, K):
+    from .gemm_s8x16 import gemm_s8x16, pack_weight, prepare
+    from .gemv import quantize_rows
+    x = torch.randn(M, K)
+    q, scale, wsum = quantize_rows(torch.randn(N, K))
+    y, xb = torch.empty(M, N), x.bfloat16()
+    ours = prepare(x, pack_weight(q.t()), scale, wsum, y)      # quantize x to 16 bits + the GEMM, as prefill runs it
+
+    def check():                      # 16-bit activations: error ~1e-4 of the output's scale
+        ours()
+        want = x @ (q.float() * scale[:, None]).t()
+        torch.testing.assert_close(y, want, rtol=1e-3, atol=2e-4 * want.abs().max().item())
+    return Problem(ours, lambda: torch.ops.aten._weight_int8pack_mm(xb, q, scale.bfloat16()), 2.0 * M * N * K, "GFLOP/s",
+                   check=check)
+
+
+def build_gemm_int4(M, N, K):
+    from .gemm_int4 import pack, prepare
+    from .gemv_int4 import dequantize_int4, quantize_int4, torch_int4_pack
+    x = torch.randn(M, K)
+    w, ws, wm = quantize_int4(torch.randn(N, K))
+    y, xb = torch.empty(M, N), x.bfloat16()
+    ours = prepare(x, pack(w, ws, wm), y)                      # quantize x per group to int8 + the GEMM
+    wp, sz = torch_int4_pack(w, ws, wm, K)
+
+    def check():                      # int8 activations per 32 values: error ~1e-2 of the output's scale
+        ours()
+        want = x @ dequantize_int4(w, ws, wm, K).t()
+        torch.testing.assert_close(y, want, rtol=0.02, atol=0.01 * want.abs().max().item())
+    return Problem(ours, lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 32, sz.bfloat16()), 2.0 * M * N * K,
+                   "GFLOP/s", check=check)
+
+
 def build_gemv_f32(M, N, K):
     from .gemv import gemv_f32
     nbytes = N * K * 4
@@ -220,6 +253,10 @@ OPS = {op.name: op for op in [
     Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),
     Op("gemv_int4", dict(M=1, N=8960, K=1536), build_gemv_int4,
        "decode GEMV, 4-bit weights (scale + min per 32) vs torch _weight_int4pack_mm_for_cpu on the same codes"),
+    Op("gemm_s8x16", dict(M=128, N=3072, K=576), build_gemm_s8x16,
+       "int8-weight prefill GEMM (16-bit activations, VNNI) vs torch _weight_int8pack_mm"),
+    Op("gemm_int4", dict(M=128, N=3072, K=576), build_gemm_int4,
+       "4-bit-weight prefill GEMM (int8 activations per 32, VNNI) vs torch _weight_int4pack_mm_for_cpu on the same codes"),
     Op("gemv_f32", dict(M=1, N=1536, K=576), build_gemv_f32, "decode GEMV, fp32 weights streamed from DRAM vs torch linear"),
     Op("add_rmsnorm", dict(R=1, H=576), build_add_rmsnorm, "residual add + RMSNorm at decode vs torch (HF order of ops)"),
     Op("rope_qkv", dict(B=1, T=1, **SMOL, start=128), build_rope_qkv, "RoPE on q/k + KV cache write at decode vs torch"),
