@@ -106,27 +106,16 @@ def linear_pacekern(lin, x, y):
             lin.packed = gemm_s8x16.pack_weight(lin.w.t())
         call = gemm_s8x16.prepare(x, lin.packed, lin.scale, lin.wsum, y)
     elif lin.fmt == "int8":                                      # 16-bit activations x int8 weights on VNNI
-        from pacekern_ops.gemv import gemv_s8, quantize_x16
-        xh, xl = torch.empty(x.shape, dtype=torch.uint8), torch.empty(x.shape, dtype=torch.uint8)
-        xs = torch.empty(rows)
-        quant, mm = quantize_x16.prepare(x, xh, xl, xs), gemv_s8.prepare(xh, xl, xs, lin.w, lin.scale, lin.wsum, y)
-
-        def call():
-            quant()
-            mm()
+        from pacekern_ops.gemv import prepare_s8_linear
+        call = prepare_s8_linear(x, lin.w, lin.scale, lin.wsum, y)
     elif lin.fmt == "int4" and rows > GEMV_MAX_ROWS:             # prefill: the same activations, a GEMM
         from pacekern_ops import gemm_int4
         if lin.packed is None:
             lin.packed = gemm_int4.pack(lin.w, lin.scale, lin.mins)
         call = gemm_int4.prepare(x, lin.packed, y)
     elif lin.fmt == "int4":                                      # int8 activations x 4-bit weights on VNNI
-        from pacekern_ops.gemv_int4 import activation_buffers, gemv_int4, quantize_x8
-        xq, xs, xm = activation_buffers(rows, lin.k)
-        quant, mm = quantize_x8.prepare(x, xq, xs, xm), gemv_int4.prepare(xq, xs, xm, lin.w, lin.scale, lin.mins, y)
-
-        def call():
-            quant()
-            mm()
+        from pacekern_ops.gemv_int4 import prepare_int4_linear
+        call = prepare_int4_linear(x, lin.w, lin.scale, lin.mins, y)
     elif rows <= GEMV_MAX_ROWS:
         from pacekern_ops import gemv
         kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16

@@ -147,6 +147,19 @@ def gemv_s8_linear(x, w, scale, wsum, y, scratch=None):
     return gemv_s8(xh, xl, xs, w, scale, wsum, y)
 
 
+def prepare_s8_linear(x, w, scale, wsum, y):
+    """gemv_s8_linear bound once: the zero-argument call quantizes x and runs gemv_s8 on these
+    buffers (decode plans; their contents may change between calls)."""
+    m, k = x.shape
+    xh, xl, xs = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+    quant, mm = quantize_x16.prepare(x, xh, xl, xs), gemv_s8.prepare(xh, xl, xs, w, scale, wsum, y)
+
+    def call():
+        quant()
+        mm()
+    return call
+
+
 def quantize_rows(w: torch.Tensor):
     """fp weights [N, K] -> (int8 [N, K], f32 scale [N], i32 row sums [N]): symmetric per output
     channel; the row sums undo the +32768 offset of gemv_s8's unsigned activations."""

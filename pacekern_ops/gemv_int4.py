@@ -121,6 +121,18 @@ def gemv_int4_linear(x, w, ws, wm, y, scratch=None):
     return gemv_int4(xq, xs, xm, w, ws, wm, y)
 
 
+def prepare_int4_linear(x, w, ws, wm, y):
+    """gemv_int4_linear bound once: the zero-argument call quantizes x and runs gemv_int4 on these
+    buffers (decode plans; their contents may change between calls)."""
+    xq, xs, xm = activation_buffers(*x.shape)
+    quant, mm = quantize_x8.prepare(x, xq, xs, xm), gemv_int4.prepare(xq, xs, xm, w, ws, wm, y)
+
+    def call():
+        quant()
+        mm()
+    return call
+
+
 def to_chunk_order(q: torch.Tensor) -> torch.Tensor:
     """[..., KP] natural k order -> the chunk order of the module docstring."""
     lead, kp = q.shape[:-1], q.shape[-1]
