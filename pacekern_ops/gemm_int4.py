@@ -21,7 +21,7 @@ import torch
 
 import pacekern as pk
 
-from .gemm_u8s8 import pack_weight, unpack
+from .gemm_u8s8 import pack_weight, prune_blocks, unpack
 from .gemv_int4 import G, activation_buffers, from_chunk_order, quantize_x8, unpack_int4
 
 M, N, K4, KG = pk.dims("M N K4 KG")
@@ -43,16 +43,11 @@ def ref(xq4, xs, xm, qp, wst, wmt, groups, y):
     return (x @ w).float()
 
 
-def _prune(c, d, cpu):
-    blocks = -(-d["M"] // c.MC) * -(-d["N"] // (16 * c.NV * c.NS))
-    return blocks >= min(cpu.threads, -(-d["M"] // 32) * -(-d["N"] // 64)) and (c.MR <= d["M"] or c.MR == 1)
-
-
 SPACE = pk.Space(
     MR=pk.choice(1, 2, 3, 4, 5, 6), NV=pk.choice(1, 2, 3), MC=pk.choice(32, 64, 128), NS=pk.choice(1, 2, 4, 8),
     # group sums + accumulators (2 MR NV), NV weight vectors, MR broadcasts, a scale and a min vector
     where=lambda c: 2 * c.MR * c.NV + c.NV + c.MR + 2 <= 32,
-    prune=_prune,
+    prune=prune_blocks,
     default=dict(MR=4, NV=2, MC=64, NS=2))
 
 

@@ -21,7 +21,7 @@ import torch
 
 import pacekern as pk
 
-from .gemm_u8s8 import pack_weight, unpack
+from .gemm_u8s8 import pack_weight, prune_blocks, unpack
 from .gemv import quantize_x16
 
 M, N, K4 = pk.dims("M N K4")
@@ -36,18 +36,12 @@ def ref(xh4, xl4, xs, wp, scale, wsum, y):
     return ((x @ w) * torch.as_tensor(scale).double()[None, :]).float()
 
 
-def _prune(c, d, cpu):
-    # enough blocks for every thread when the problem allows; no taller register tile than M
-    blocks = -(-d["M"] // c.MC) * -(-d["N"] // (16 * c.NV * c.NS))
-    return blocks >= min(cpu.threads, -(-d["M"] // 32) * -(-d["N"] // 64)) and (c.MR <= d["M"] or c.MR == 1)
-
-
 SPACE = pk.Space(
     MR=pk.choice(1, 2, 3, 4, 5, 6), NV=pk.choice(1, 2, 3, 4), MC=pk.choice(32, 64, 128), NS=pk.choice(1, 2, 4, 8),
     # two accumulator tiles (h.w, l.w), NV weight vectors, two broadcasts per row (LLVM hoists all
     # the broadcasts of a k4 step above its vpdpbusd)
     where=lambda c: 2 * c.MR * c.NV + c.NV + 2 * c.MR <= 32,
-    prune=_prune,
+    prune=prune_blocks,
     default=dict(MR=5, NV=2, MC=64, NS=2))
 
 

@@ -170,8 +170,10 @@ def _ref(out_u8):
 # ---------------------------------------------------------------------------------------------
 # VNNI kernel
 
-def _vnni_prune(c, d, cpu):
-    # enough blocks for every thread when the problem allows; no taller register tile than M
+def prune_blocks(c, d, cpu):
+    """For kernels that split MC rows x NS strips of 16 NV columns among threads (this one,
+    gemm_s8x16, gemm_int4): enough blocks for every thread when the problem allows; no taller
+    register tile than M."""
     blocks = -(-d["M"] // c.MC) * -(-d["N"] // (16 * c.NV * c.NS))
     possible = -(-d["M"] // 32) * -(-d["N"] // 64)
     return blocks >= min(cpu.threads, possible) and (c.MR <= d["M"] or c.MR == 1)
@@ -182,7 +184,7 @@ VNNI_SPACE = pk.Space(
     NS=pk.choice(1, 2, 4, 8),
     # LLVM hoists the MR broadcasts of one k4 step above its vpdpbusd: all are live at once
     where=lambda c: c.MR * c.NV + c.NV + c.MR <= 32,
-    prune=_vnni_prune,
+    prune=prune_blocks,
     default=dict(MR=7, NV=3, MC=64, NS=2))
 
 

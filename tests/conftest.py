@@ -17,6 +17,27 @@ def needs_compiled_avx512():
     return None
 
 
+def assert_vnni_inner_loop(kernel, tile: int):
+    """kernel's hot loop (default config) runs vpdpbusd on zmm registers only, a multiple of `tile`
+    of them (the register tile, once or unrolled by LLVM), with no vector spills. Skips where there
+    is no VNNI machine code to read."""
+    import re
+    from pacekern.isa import LEVELS
+    level = pk.target().level
+    if INTERPRET:
+        pytest.skip("interpret mode generates no machine code")
+    if LEVELS.index(level) < LEVELS.index("avx512_vnni_bf16"):
+        pytest.skip(f"vpdpbusd needs VNNI (this run: {level})")
+    rep = kernel.asm()
+    loops = [lp for lp in rep.inner_loops if "vpdpbusd" in lp]
+    assert loops, f"no inner loop contains vpdpbusd: {rep.summary()}"
+    n = len(re.findall(r"\bvpdpbusd\b", loops[0]))
+    assert n > 0 and n % tile == 0, (n, tile)
+    assert "%zmm" in loops[0] and "%ymm" not in loops[0]
+    spills = [ln for ln in loops[0].splitlines() if re.search(r"%[xyz]mm\d+", ln) and re.search(r"\(%r[sb]p\)", ln)]
+    assert not spills, spills
+
+
 # whole-model tests: a 135M-parameter model through the NumPy interpreter would take hours; the
 # interpreter run checks every kernel on its own (tests/test_llm_ops.py) instead
 MODEL_TESTS = ("test_llm.py", "test_speculative.py", "test_llm_quality.py")

@@ -4,21 +4,16 @@ decode GEMV on the same codes, the packing, extreme values, bad input and the ma
 Runs in every mode: PACEKERN_INTERPRET=1 (small shapes), PACEKERN_ISA=avx2 (generic lowering of
 vpdpbusd) and natively.
 """
-import re
-
 import pytest
 import torch
 
 import pacekern as pk
-from pacekern import env
-from pacekern.isa import LEVELS
+from conftest import INTERPRET, assert_vnni_inner_loop
 from pacekern_ops import gemm_int4 as g
 from pacekern_ops.gemm_u8s8 import unpack
 from pacekern_ops.gemv_int4 import activation_buffers, dequantize_int4, gemv_int4_linear, quantize_int4, quantize_x8
 
-INTERP = env.flag("PACEKERN_INTERPRET")
-LEVEL = pk.target().level
-SHAPES = [(17, 20, 64), (3, 37, 72)] if INTERP else [(17, 20, 64), (40, 100, 576), (129, 48, 1536), (5, 33, 600)]
+SHAPES = [(17, 20, 64), (3, 37, 72)] if INTERPRET else [(17, 20, 64), (40, 100, 576), (129, 48, 1536), (5, 33, 600)]
 
 
 def make(m, n, k, seed=0):
@@ -62,7 +57,7 @@ def test_kernel_against_its_reference(m, n, k):
 def test_extremes_are_exact_before_scaling():
     """Codes 15 against activations +-127 over long K: group sums at their largest; with unit scales
     and zero mins the result is an exact integer (below 2**24) on both sides."""
-    m, n, k = (4, 16, 256) if INTERP else (8, 32, 4096)
+    m, n, k = (4, 16, 256) if INTERPRET else (8, 32, 4096)
     x = torch.full((m, k), 127.0)
     x[1] = -127.0
     x[2, ::2] = -127.0
@@ -82,16 +77,5 @@ def test_mismatched_weights_are_an_error():
 
 
 def test_asm_inner_loop_vpdpbusd_zmm_no_spills():
-    if INTERP:
-        pytest.skip("interpret mode generates no machine code")
-    if LEVELS.index(LEVEL) < LEVELS.index("avx512_vnni_bf16"):
-        pytest.skip(f"vpdpbusd needs VNNI (this run: {LEVEL})")
-    rep = g.gemm_int4.asm()
-    loops = [lp for lp in rep.inner_loops if "vpdpbusd" in lp]
-    assert loops, rep.summary()
     cfg = g.SPACE.default_config()
-    n = len(re.findall(r"\bvpdpbusd\b", loops[0]))
-    assert n > 0 and n % (cfg.MR * cfg.NV) == 0, (n, cfg)
-    assert "%zmm" in loops[0] and "%ymm" not in loops[0]
-    spills = [ln for ln in loops[0].splitlines() if re.search(r"%[xyz]mm\d+", ln) and re.search(r"\(%r[sb]p\)", ln)]
-    assert not spills, spills
+    assert_vnni_inner_loop(g.gemm_int4, cfg.MR * cfg.NV)

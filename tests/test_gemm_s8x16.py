@@ -4,20 +4,15 @@ GEMV on the same quantized weights, extreme values, bad input and the machine co
 Runs in every mode: PACEKERN_INTERPRET=1 (small shapes), PACEKERN_ISA=avx2 (generic lowering of
 vpdpbusd) and natively.
 """
-import re
-
 import pytest
 import torch
 
 import pacekern as pk
-from pacekern import env
-from pacekern.isa import LEVELS
+from conftest import INTERPRET, assert_vnni_inner_loop
 from pacekern_ops import gemm_s8x16 as g
 from pacekern_ops.gemv import gemv_s8_linear, quantize_rows, quantize_x16
 
-INTERP = env.flag("PACEKERN_INTERPRET")
-LEVEL = pk.target().level
-SHAPES = [(17, 20, 64), (3, 37, 72)] if INTERP else [(17, 20, 64), (40, 100, 576), (129, 48, 1536), (5, 33, 68)]
+SHAPES = [(17, 20, 64), (3, 37, 72)] if INTERPRET else [(17, 20, 64), (40, 100, 576), (129, 48, 1536), (5, 33, 68)]
 
 
 def torch_linear(x, q, scale):
@@ -56,7 +51,7 @@ def test_kernel_against_its_reference(m, n, k):
 def test_extremes_do_not_overflow():
     """Full-scale activations (high bytes 0 and 255) against +-127 weights over a long K: h.w reaches
     255 * 127 * K, beyond 16-bit and 2**24 partial sums; still exact before the final scaling."""
-    m, n, k = (4, 16, 256) if INTERP else (8, 32, 4096)
+    m, n, k = (4, 16, 256) if INTERPRET else (8, 32, 4096)
     x = torch.full((m, k), 1.0)
     x[1] = -1.0
     x[2, ::2] = -1.0
@@ -77,16 +72,5 @@ def test_bad_k_is_an_error():
 
 
 def test_asm_inner_loop_vpdpbusd_zmm_no_spills():
-    if INTERP:
-        pytest.skip("interpret mode generates no machine code")
-    if LEVELS.index(LEVEL) < LEVELS.index("avx512_vnni_bf16"):
-        pytest.skip(f"vpdpbusd needs VNNI (this run: {LEVEL})")
-    rep = g.gemm_s8x16.asm()
-    loops = [lp for lp in rep.inner_loops if "vpdpbusd" in lp]
-    assert loops, rep.summary()
     cfg = g.SPACE.default_config()
-    n = len(re.findall(r"\bvpdpbusd\b", loops[0]))
-    assert n > 0 and n % (2 * cfg.MR * cfg.NV) == 0, (n, cfg)
-    assert "%zmm" in loops[0] and "%ymm" not in loops[0]
-    spills = [ln for ln in loops[0].splitlines() if re.search(r"%[xyz]mm\d+", ln) and re.search(r"\(%r[sb]p\)", ln)]
-    assert not spills, spills
+    assert_vnni_inner_loop(g.gemm_s8x16, 2 * cfg.MR * cfg.NV)

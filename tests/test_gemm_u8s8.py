@@ -12,6 +12,7 @@ import torch
 import pacekern as pk
 from pacekern import env
 from pacekern.isa import LEVELS
+from conftest import assert_vnni_inner_loop
 from pacekern_ops import gemm_u8s8 as g
 
 INTERP = env.flag("PACEKERN_INTERPRET")
@@ -291,13 +292,8 @@ def test_asm():
     if LEVELS.index(LEVEL) < LEVELS.index("avx512_vnni_bf16"):
         assert "vpdpbusd" not in rep.text                                    # generic lowering: no VNNI instruction
         return
-    loop = _loop_with(rep, "vpdpbusd")
     cfg = g.VNNI_SPACE.default_config()
-    n = len(re.findall(r"\bvpdpbusd\b", loop))        # the MR x NV tile, once or unrolled by LLVM (on some hosts, x2)
-    assert n > 0 and n % (cfg.MR * cfg.NV) == 0, (n, cfg)
-    assert "%zmm" in loop and "%ymm" not in loop
-    spills = [l for l in loop.splitlines() if re.search(r"%[xyz]mm\d+", l) and re.search(r"\(%r[sb]p\)", l)]
-    assert not spills, spills
+    assert_vnni_inner_loop(g.gemm_u8s8_vnni, cfg.MR * cfg.NV)
     if HAS_AMX:
         rep = g.gemm_u8s8_amx.asm()
         loop = _loop_with(rep, "tdpbusd")
