@@ -9,9 +9,10 @@ Formats of a linear layer's weight (`weights=` / `dtype=` of LLMModel):
         the prefill GEMM pacekern_ops/gemm_s8x16.py)
   int4  u8 [N, KP/2] two 4-bit weights per byte + bf16 scale and min per 32 weights (weights="int4",
         like llama.cpp's Q4_1; pacekern_ops/gemv_int4.py; activations are quantized per 32 values
-        to int8 inside the GEMV, and for the prefill GEMM pacekern_ops/gemm_int4.py). The LM head stays int8 when 4 bits would round it for the first
-        time (a source head that was not 4-bit: more than HEAD_INT4_MAX_ERROR relative error), as
-        llama.cpp keeps its output layer at 6 bits in Q4 files
+        to int8 for the GEMV, and for the prefill GEMM pacekern_ops/gemm_int4.py). The LM head
+        stays int8 when 4 bits would round it for the first time (a source head that was not
+        4-bit: more than HEAD_INT4_MAX_ERROR relative error), as llama.cpp keeps its output layer
+        at 6 bits in Q4 files
 Layouts for the prefill GEMMs (packed panels) are built lazily, the first time a prompt is long
 enough to use them, so a decode-only process never holds them.
 """
