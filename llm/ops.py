@@ -76,28 +76,6 @@ def linear_torch(lin, x, y):
     return _bias(call, y, lin)
 
 
-def _untuned_rows_config(kern, x, w, y):
-    """Several rows (batched decode, verification) and no tuned config for them: share each weight
-    load among a few rows (MM). None: the usual choice."""
-    rows = x.shape[0]
-    if rows == 1:
-        return None
-    from pacekern import tuner
-    import pacekern as pk
-    if tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
-        return None
-    # measured on SmolLM2's shapes (Zen 4, 2 threads, all 121 GEMVs of a step, interleaved): for a
-    # few rows one weight stream re-read from L1 for each row (MM=1) is best (bf16 up to 3 rows,
-    # fp32 up to 5: 1.2x one row's time). bf16 at 4-6 rows (verification at K = 3-5): all rows per
-    # weight load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no
-    # prefetch: 2.3x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at 9 rows; fp32 2x at 9)
-    if rows <= (5 if kern.name == "gemv_f32" else 3):
-        return pk.Config.of(R=1, NB=64, PF=0, MM=1)
-    if kern.name == "gemv_bf16":
-        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 6 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
-    return pk.Config.of(R=2, NB=64, PF=0, MM=3)
-
-
 def linear_pacekern(lin, x, y):
     rows = x.shape[0]
     if lin.fmt == "int8" and rows > GEMV_MAX_ROWS and lin.k % 4 == 0:   # prefill: the same activations, a GEMM
@@ -119,7 +97,7 @@ def linear_pacekern(lin, x, y):
     elif rows <= GEMV_MAX_ROWS:
         from pacekern_ops import gemv
         kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16
-        call = kern.prepare(x, lin.w, y, config=_untuned_rows_config(kern, x, lin.w, y))
+        call = kern.prepare(x, lin.w, y, config=gemv.rows_config(kern, x, lin.w, y))
     elif lin.fmt == "f32":
         from pacekern_ops import gemm_f32
         if lin.packed is None:

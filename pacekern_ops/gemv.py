@@ -205,3 +205,22 @@ def gemv_f32(x: pk.f32[M, K], w: pk.f32[N, K], y: pk.Out[pk.f32[M, N]], *, R, NB
                     for r in pk.unroll(R):
                         if m0 + i < M and r0 + r < N:
                             y[m0 + i, r0 + r] = pk.hsum(acc[i, 2 * r] + acc[i, 2 * r + 1])
+
+
+def rows_config(kern, x, w, y):
+    """The config of gemv_bf16 / gemv_f32 for several rows of x (batched decode, speculative
+    verification) when the tuning cache has none for this shape; None: the cached or default one.
+    Measured on SmolLM2's shapes (Zen 4, 2 threads, all 121 GEMVs of a step, interleaved): for a few
+    rows one weight stream re-read from L1 for each row (MM=1) is best (bf16 up to 3 rows, fp32 up
+    to 5: 1.2x one row's time). bf16 at 4-6 rows (verification at K = 3-5): all rows per weight
+    load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no prefetch:
+    2.3x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at 9 rows; fp32 2x at 9)."""
+    from pacekern import tuner
+    rows = x.shape[0]
+    if rows == 1 or tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
+        return None
+    if rows <= (5 if kern is gemv_f32 else 3):
+        return pk.Config.of(R=1, NB=64, PF=0, MM=1)
+    if kern is gemv_bf16:
+        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 6 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
+    return pk.Config.of(R=2, NB=64, PF=0, MM=3)
