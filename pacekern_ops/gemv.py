@@ -212,9 +212,10 @@ def rows_config(kern, x, w, y):
     verification) when the tuning cache has none for this shape; None: the cached or default one.
     Measured on SmolLM2's shapes (Zen 4, 2 threads, all 121 GEMVs of a step, interleaved): for a few
     rows one weight stream re-read from L1 for each row (MM=1) is best (bf16 up to 3 rows, fp32 up
-    to 5: 1.2x one row's time). bf16 at 4-6 rows (verification at K = 3-5): all rows per weight
-    load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no prefetch:
-    2.3x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at 9 rows; fp32 2x at 9)."""
+    to 5: 1.2x one row's time). bf16 at 4-8 rows (verification at K = 3-7, batch-8 decode): all rows
+    per weight load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no
+    prefetch: 2.3x), 1.7x at 8 (R=2 MM=3: 2.15x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at
+    9 rows, 3.3x at 12, 4.2x at 16, where MM=8 took 4.8x; fp32 2x at 9)."""
     from pacekern import tuner
     rows = x.shape[0]
     if rows == 1 or tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
@@ -222,5 +223,5 @@ def rows_config(kern, x, w, y):
     if rows <= (5 if kern is gemv_f32 else 3):
         return pk.Config.of(R=1, NB=64, PF=0, MM=1)
     if kern is gemv_bf16:
-        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 6 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
+        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 8 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
     return pk.Config.of(R=2, NB=64, PF=0, MM=3)
