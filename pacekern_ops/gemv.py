@@ -215,13 +215,15 @@ def rows_config(kern, x, w, y):
     to 5: 1.2x one row's time). bf16 at 4-8 rows (verification at K = 3-7, batch-8 decode): all rows
     per weight load (MM=rows) with a software prefetch 512 weights ahead, 1.5x one row at 5 rows (no
     prefetch: 2.3x), 1.7x at 8 (R=2 MM=3: 2.15x); beyond, R=2 MM=3 (bf16 with the prefetch 2.4x at
-    9 rows, 3.3x at 12, 4.2x at 16, where MM=8 took 4.8x; fp32 2x at 9)."""
+    9 rows, 3.3x at 12, 4.2x at 16, where MM=8 took 4.8x). fp32 at 6-12 rows: R=1, MM up to 8 rows
+    per block, prefetch 512 (6 rows 1.7x, 8 rows 1.5x, 9 rows 1.65x, 12 rows 2.7x, against 2.2x,
+    1.8x, 1.9x, 3.1x at R=2 MM=3); at 16, R=2 MM=3 (2.7x; MM=8 2.8x)."""
     from pacekern import tuner
     rows = x.shape[0]
     if rows == 1 or tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
         return None
     if rows <= (5 if kern is gemv_f32 else 3):
         return pk.Config.of(R=1, NB=64, PF=0, MM=1)
-    if kern is gemv_bf16:
-        return pk.Config.of(R=1, NB=64, PF=512, MM=rows) if rows <= 8 else pk.Config.of(R=2, NB=64, PF=512, MM=3)
-    return pk.Config.of(R=2, NB=64, PF=0, MM=3)
+    if rows <= (12 if kern is gemv_f32 else 8):
+        return pk.Config.of(R=1, NB=64, PF=512, MM=-(-rows // -(-rows // 8)))       # equal blocks of <= 8 rows
+    return pk.Config.of(R=2, NB=64, PF=512 if kern is gemv_bf16 else 0, MM=3)
