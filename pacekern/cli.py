@@ -135,7 +135,7 @@ def cmd_generate(args):
             args.pard = DEFAULT_PARD_DRAFT.get(args.model or DEFAULT_MODEL)
             if args.pard is None:
                 sys.exit(f"pacekern generate: no shipped PARD draft for {args.model}; pass one: --pard DRAFT")
-        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 12, weights=args.draft_weights)
+        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 2, weights=args.draft_weights)
                 if args.pard else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4,
                                                              weights=args.draft_weights))
     try:
@@ -173,7 +173,9 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--pard", metavar="DRAFT", nargs="?", const="default", default=None,
                    help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
-    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 12, draft model: 4)")
+    # PARD's K: the API default is PACE's 12; on the CLI the K measured fastest with the shipped
+    # draft on 2 cores (experiments/pard_speed.py: K=2 1.15-1.2x plain decode, K=4 ~1.0x, K=8 0.67x)
+    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 2, draft model: 4)")
     p.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="the draft's weights (default: as --weights)")
 
 
