@@ -47,9 +47,9 @@ def build_gemm_f32(M, N, K):
                    check=lambda: torch.testing.assert_close(gemm_f32(x, wp, y), x @ w, rtol=1e-4, atol=1e-3))
 
 
-def _prepared_rotation(prepare, sets):
-    """Cycle through argument sets (weights out of cache), each bound once by `prepare` at the first
-    call, i.e. after tuning: the kernels as the LLM calls them, without the ~25 us a call spends
+def prepared_rotation(prepare, sets):
+    """Cycle through argument sets (weights out of cache; one set `[()]`: a single bound call), each
+    bound once by `prepare` at the first call, i.e. after tuning: the kernels as the LLM calls them, without the ~25 us a call spends
     checking and binding its arguments."""
     calls, state = [], [0]
 
@@ -67,7 +67,7 @@ def build_gemv_bf16(M, N, K):
     ws = [torch.randn(N, K).bfloat16() for _ in range(_cold_copies(nbytes))]
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb, nxt = x.bfloat16(), itertools.cycle(ws).__next__
-    return Problem(_prepared_rotation(lambda w: gemv_bf16.prepare(x, w, y), [(w,) for w in ws]),
+    return Problem(prepared_rotation(lambda w: gemv_bf16.prepare(x, w, y), [(w,) for w in ws]),
                    lambda: torch.nn.functional.linear(xb, nxt()), float(nbytes), "GB/s",
                    tune=((gemv_bf16, (x, ws[0], y)),), limit="dram",
                    check=lambda: torch.testing.assert_close(gemv_bf16(x, ws[0], y), x @ ws[0].float().t(), rtol=1e-4, atol=1e-3))
@@ -82,7 +82,7 @@ def build_gemv_s8(M, N, K):
     q0, s0, ws0 = sets[0]
     scratch = (torch.empty(M, K, dtype=torch.uint8), torch.empty(M, K, dtype=torch.uint8), torch.empty(M))
     # ours: quantize x to 16 bits + the VNNI GEMV, as the LLM calls it
-    ours = _prepared_rotation(lambda q, s, ws: prepare_s8_linear(x, q, s, ws, y), sets)
+    ours = prepared_rotation(lambda q, s, ws: prepare_s8_linear(x, q, s, ws, y), sets)
 
     def base():                       # torch's weight-only int8 CPU path: bf16 activations
         q, s, _ = nxt()
@@ -108,7 +108,7 @@ def build_gemv_int4(M, N, K):
     packs = [torch_int4_pack(*s, K) for s in sets]                  # the same tensors, in torch's layout
     xb, nxt_pack = x.bfloat16(), itertools.cycle(packs).__next__
     # ours: quantize x to int8 per group + the VNNI GEMV, as the LLM calls it
-    ours = _prepared_rotation(lambda w, ws, wm: prepare_int4_linear(x, w, ws, wm, y), sets)
+    ours = prepared_rotation(lambda w, ws, wm: prepare_int4_linear(x, w, ws, wm, y), sets)
 
     def base():                       # torch's CPU int4 matmul on the same 4-bit codes, bf16 activations
         wp, sz = nxt_pack()
@@ -173,7 +173,7 @@ def build_gemv_f32(M, N, K):
     ws = [torch.randn(N, K) for _ in range(_cold_copies(nbytes))]
     x, y = torch.randn(M, K), torch.empty(M, N)
     nxt = itertools.cycle(ws).__next__
-    return Problem(_prepared_rotation(lambda w: gemv_f32.prepare(x, w, y), [(w,) for w in ws]),
+    return Problem(prepared_rotation(lambda w: gemv_f32.prepare(x, w, y), [(w,) for w in ws]),
                    lambda: torch.nn.functional.linear(x, nxt()), float(nbytes), "GB/s",
                    tune=((gemv_f32, (x, ws[0], y)),), limit="dram",
                    check=lambda: torch.testing.assert_close(gemv_f32(x, ws[0], y), x @ ws[0].t(), rtol=1e-4, atol=1e-3))
