@@ -1,6 +1,6 @@
 """DLRM kernels against their references and against PyTorch's own ops: embedding bags over fp32,
-int8 row-wise and 4-bit row-wise tables (pacekern_ops/embedding_bag.py), the u8 activation
-quantizer, and the DCN residual mix (pacekern_ops/dcn.py).
+int8 row-wise and 4-bit row-wise tables (pacekern_ops/embedding_bag.py), the id range check, the
+u8 activation quantizer, and the DCN residual mix (pacekern_ops/dcn.py).
 
 Runs in every mode (PACEKERN_INTERPRET=1 with the same small shapes, PACEKERN_ISA=avx2).
 """
@@ -97,6 +97,23 @@ def test_embedding_bag_vs_torch_quantized_ops(bits):
         o = off[t * b:(t + 1) * b + 1]
         want = op(tt[t], idx[int(o[0]):int(o[-1])], o - o[0], False, 0, False, None, None, True)
         torch.testing.assert_close(y[:, t * d:(t + 1) * d], want, rtol=1e-5, atol=1e-5)
+
+
+def test_id_range():
+    """Per-table id range (dlrm.data.validate's check), against torch min / max per table."""
+    idx, off = jagged(ROWS, 5, 40, seed=3)
+    idx[int(off[5])] = -7                                          # table 1's first id: negative
+    idx[-1] = 1 << 30                                              # the last table's last id: far out
+    for nb, o in ((5, off), (1, off[:1].expand(len(ROWS) * 5 + 1).contiguous())):   # then: every bag empty
+        lo, hi = torch.empty(len(ROWS), dtype=torch.int32), torch.empty(len(ROWS), dtype=torch.int32)
+        pk.check(eb.id_range, idx, o, nb, lo, hi)
+        for t in range(len(ROWS)):
+            ids = idx[int(o[t * nb]):int(o[(t + 1) * nb])].tolist()
+            assert (lo[t], hi[t]) == (min(ids + [0]), max(ids + [0]))
+    assert lo.tolist() == hi.tolist() == [0] * len(ROWS)
+    lo, hi = torch.empty(len(ROWS), dtype=torch.int32), torch.empty(len(ROWS), dtype=torch.int32)
+    eb.id_range(idx, off, 5, lo, hi)
+    assert lo[1] == -7 and hi[-1] == 1 << 30
 
 
 def test_quantize_u8():
