@@ -16,12 +16,14 @@ embedding_bag_f32 and dcn_mix.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from pacekern_ops import embedding_bag as eb
 from pacekern_ops.dcn import dcn_mix
 from pacekern_ops.gemm_f32 import gemm_f32, pack as pack_f32
-from pacekern_ops.gemm_u8s8 import prepare_quantized_linear, quantized_linear
+from pacekern_ops.gemm_u8s8 import prepare_quantized_linear
 
 from .data import Batch, validate
 from .model import DLRMv2
@@ -44,44 +46,51 @@ class PacekernDlrm:
         self._plans: dict = {}
 
     def _plan(self, b: int) -> dict:
-        """Buffers for batch size b, and every kernel call after the first GEMM and the embedding
-        bags prepared once on them (checked and bound: a call then costs the bare kernel call,
-        ~15 of the ~20 calls of a forward). One batch size at a time: bounded memory."""
+        """Buffers for batch size b, and every kernel call but the embedding bags (whose ids are
+        new each batch) prepared once on them (checked and bound: a call then costs the bare
+        kernel call). One batch size at a time: bounded memory."""
         plan = self._plans.get(b)
         if plan is not None:
             return plan
         s, q, lin, w = self.spec, self.q, self.q.linears, self.spec.width
         u8 = dict(dtype=torch.uint8)
-        bf = dict(dense=torch.empty(b, s.num_dense, **u8), x0=torch.empty(b, w), xa=torch.empty(b, w),
-                  xb=torch.empty(b, w), xq=torch.empty(b, w, **u8), z=torch.empty(b, w),
+        bf = dict(x0=torch.empty(b, w), x1=torch.empty(b, w), xq=torch.empty(b, w, **u8), z=torch.empty(b, w),
                   h=torch.empty(b, s.dcn_rank, **u8), bot=torch.empty(b, s.dim),
                   hidden=[torch.empty(b, n, **u8) for n in tuple(s.bottom[:-1]) + tuple(s.top[:-1])],
                   logit=torch.empty(b, 1))
         hid = iter(bf["hidden"])
 
-        def linear(name, x, out, last):
+        def linear(name, x, out, last, packed=None):
             ql = lin[name]
-            return prepare_quantized_linear(x, ql.inp.scale, ql.inp.zp, ql.packed(), ql.bias,
+            return prepare_quantized_linear(x, ql.inp.scale, ql.inp.zp, packed or ql.packed(), ql.bias,
                                             scale_y=None if last else ql.out.scale, zp_y=0 if last else ql.out.zp,
                                             relu=ql.relu, out=out)
 
-        # bottom MLP: layer 0 (K = 13, padded per call) runs unprepared in logits
-        x, bottom = next(hid), []
+        # bottom MLP. Layer 0's K = 13 is padded to whole i32 words once: the dense features are
+        # copied into zero-padded columns, which quantize to zp and meet zero weight rows (the
+        # packed weight is already zero padded), so they add nothing.
+        k0 = -(-s.num_dense // 4) * 4
+        l0 = lin["bottom.0"]
+        bf["dense_f"], bf["dense"] = torch.zeros(b, k0), torch.empty(b, k0, **u8)
+        inv0 = torch.cat([self.inv_dense, torch.zeros(k0 - s.num_dense)])
+        x = next(hid)
+        bottom = [eb.quantize_u8.prepare(bf["dense_f"], inv0, l0.inp.zp, bf["dense"]),
+                  linear("bottom.0", bf["dense"], x, False, replace(l0.packed(), k=k0))[0]]
         nb = len(s.bottom)
         for i in range(1, nb):
             last = i == nb - 1
             f, x = linear(f"bottom.{i}", x, bf["bot"] if last else next(hid), last)
             bottom.append(f)
         # x0 quantization, DCN (the residual stream in fp32, requantized once per layer), top MLP
-        x0, xq = bf["x0"], bf["xq"]
+        # (x_1, x_2, ... live in one buffer, updated in place by dcn_mix: each element is read, then
+        # written)
+        x0, xq, xl = bf["x0"], bf["xq"], bf["x0"]
         rest = [eb.quantize_u8.prepare(x0, self.inv_x[0], q.x_q[0].zp, xq)]
-        xl, spare = x0, (bf["xa"], bf["xb"])
         for l in range(s.dcn_layers):
             fv, h = linear(f"cross.V.{l}", xq, bf["h"], False)
             fw, z = linear(f"cross.W.{l}", h, bf["z"], True)
-            xn = spare[l % 2]
-            rest += [fv, fw, dcn_mix.prepare(z, x0, xl, self.inv_x[l + 1], q.x_q[l + 1].zp, xn, xq)]
-            xl = xn
+            rest += [fv, fw, dcn_mix.prepare(z, x0, xl, self.inv_x[l + 1], q.x_q[l + 1].zp, bf["x1"], xq)]
+            xl = bf["x1"]
         y, nt = xq, len(s.top)
         for i in range(nt):
             last = i == nt - 1
@@ -94,12 +103,10 @@ class PacekernDlrm:
     def logits(self, batch: Batch) -> torch.Tensor:
         if self.check:
             validate(batch, self.spec)
-        s, l0 = self.spec, self.q.linears["bottom.0"]
+        s = self.spec
         plan = self._plan(batch.size)
         bf = plan["bufs"]
-        x = eb.quantize_u8(batch.dense, self.inv_dense, l0.inp.zp, bf["dense"])
-        quantized_linear(x, l0.inp.scale, l0.inp.zp, l0.packed(), l0.bias, scale_y=l0.out.scale, zp_y=l0.out.zp,
-                         relu=True, out=bf["hidden"][0])
+        bf["dense_f"][:, : s.num_dense].copy_(batch.dense)
         for f in plan["bottom"]:
             f()
         bf["x0"][:, : s.dim].copy_(bf["bot"])
