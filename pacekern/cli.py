@@ -70,7 +70,7 @@ def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
     (medians): on a shared machine a limit measured at another moment is no yardstick."""
     import pacekern as pk
     from pacekern.bench import interleaved
-    from pacekern.limits import fma_probe, stream_probe
+    from pacekern.limits import fma_probe, stream_probe, vnni_probe
     rows = []
     for op, sizes in problems:
         prob = op.build(**sizes)
@@ -80,7 +80,8 @@ def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
                 pk.tune(kernel, *kargs, budget_s=budget, cold=prob.unit == "GB/s", verbose=False)
         fns = {"ours": prob.ours, "torch": prob.torch}
         if prob.limit:
-            probe, probe_work = stream_probe(int(prob.work)) if prob.limit == "dram" else fma_probe()
+            probe, probe_work = {"dram": lambda: stream_probe(int(prob.work)), "fma": fma_probe,
+                                 "vnni": vnni_probe}[prob.limit]()
             fns["limit"] = probe
         t = interleaved(fns, rounds=rounds)
         ours, base = t["ours"].median_s, t["torch"].median_s
@@ -100,8 +101,8 @@ def print_table(rows):
         lim = f"{r['peak']:10.1f} {r['pct']:7.0f}%" if r["peak"] else f"{'-':>10s} {'-':>8s}"
         print(f"{r['op']:10s} {r['shape']:24s} {r['ours_ms']:8.3f} {r['torch_ms']:9.3f} {r['ratio']:7.2f}x "
               f"{r['rate']:8.1f} {r['unit']:7s} {lim}")
-    print("x torch and % limit: medians of per-round ratios. limit now: this machine's fp32 FMA peak (GFLOP/s) or DRAM\n"
-          "read rate (GB/s), timed interleaved with the op in the same run")
+    print("x torch and % limit: medians of per-round ratios. limit now: this machine's fp32 FMA peak (GFLOP/s), vpdpbusd\n"
+          "peak (GOP/s) or DRAM read rate (GB/s), timed interleaved with the op in the same run")
 
 
 def cmd_bench_llm(args):

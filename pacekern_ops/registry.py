@@ -16,11 +16,11 @@ import torch
 class Problem:
     ours: Callable[[], object]        # runs our kernel once (arguments bound)
     torch: Callable[[], object]       # runs the PyTorch baseline once
-    work: float                       # FLOPs (unit 'GFLOP/s') or bytes (unit 'GB/s') per call
-    unit: str                         # 'GFLOP/s' | 'GB/s'
+    work: float                       # FLOPs (unit 'GFLOP/s'), integer ops ('GOP/s') or bytes ('GB/s') per call
+    unit: str                         # 'GFLOP/s' | 'GOP/s' | 'GB/s'
     tune: tuple = ()                  # (kernel, args) pairs to tune for this problem
     check: Callable[[], object] | None = None   # raises if ours disagrees with torch
-    limit: str | None = None          # machine limit to compare with: 'fma' (fp32 peak), 'dram' (read bandwidth)
+    limit: str | None = None          # machine limit to compare with: 'fma' (fp32 peak), 'vnni' (vpdpbusd peak), 'dram' (read bandwidth)
 
 
 @dataclass(frozen=True)
