@@ -3,7 +3,8 @@
   1. configs = space.where, then space.prune(cfg, dims, cpu) for this problem
   2. already measured configs come from the tuning cache (only new ones are timed)
   3. small spaces are run whole; larger ones by pattern search from the default config
-     (coordinate moves, Helion's PatternSearch idea), in rounds
+     (coordinate moves, Helion's PatternSearch idea), in rounds: first every axis through the
+     default, then the neighbours of the best
   4. each round compiles its candidates in worker processes (Numba writes its cache there, the
      main process then only loads), validates every one against `ref`, and times the survivors
      interleaved with the current best (medians)
@@ -153,6 +154,17 @@ class _CompilePool:
         self.kill()
 
 
+def _axes(space, cfg: Config, allowed: set) -> list:
+    """cfg, then cfg with one parameter changed to each of its other values (allowed ones only)."""
+    out = [cfg]
+    for name, choice in space.params.items():
+        for v in choice.values:
+            c = Config(tuple((k, v if k == name else x) for k, x in cfg.values))
+            if c in allowed and c not in out:
+                out.append(c)
+    return out
+
+
 def _neighbors(space, cfg: Config, allowed: set) -> list:
     out = []
     for name, choice in space.params.items():
@@ -192,10 +204,10 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
 
     make = _arg_factory(args, kernel, cold, hw)
     new_records, best = [], None
-    # pattern search starts from the default and a few configs spread over the space, so that a
-    # default whose neighbours are all pruned does not end the search after one round
-    spread = [allowed[i * len(allowed) // 4] for i in range(1, 4)] if not full else []
-    frontier = allowed if full else [default] + [c for c in spread if c != default]
+    # pattern search starts with a line search along every axis through the default (each
+    # parameter set to each of its values, the others kept), so that its first step is not limited
+    # to the default's neighbourhood
+    frontier = allowed if full else _axes(space, default, allowed_set)
     workers = max(1, min(hw.cores, 4))
     pool = _CompilePool(workers)
     try:
