@@ -1,7 +1,8 @@
 """This machine's measured limits, the yardsticks `pacekern bench` reports against:
-peak fp32 FMA rate (all threads, zmm FMAs on independent accumulators), the same for vpdpbusd
-(`vnni_probe`, timed in the run only), and streaming read bandwidth (all threads summing an array much larger than the last-level cache). Measured once
-per CPU fingerprint and cached in <cache>/limits.json; `pacekern bench --remeasure` redoes it.
+peak fp32 FMA rate (all threads, zmm FMAs on independent accumulators) and streaming read
+bandwidth (all threads summing an array much larger than the last-level cache), measured once per
+CPU fingerprint and cached in <cache>/limits.json (`pacekern bench --remeasure` redoes it); and
+probes of the same timed beside a kernel in its run (`fma_probe`, `vnni_probe`, `stream_probe`).
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ latency). Each row is added as acc = fma(code, s, acc + b), the
 very float operations of fbgemm's (PyTorch's) quantized embedding bags, so the pooled sums are
 bit-identical to torch's and a quantized model gives the same u8 codes downstream. Threads split
 the B x T bags sample-major, so each thread gets whole samples (table 20's 100-id bags spread
-evenly). Ids are not bounds-checked here: callers validate them (dlrm.data.validate).
+evenly). Ids are not bounds-checked here: callers validate them (dlrm.data.validate, with the
+`id_range` kernel below).
 """
 from __future__ import annotations
 
