@@ -154,27 +154,19 @@ class _CompilePool:
         self.kill()
 
 
-def _axes(space, cfg: Config, allowed: set) -> list:
-    """cfg, then cfg with one parameter changed to each of its other values (allowed ones only)."""
-    out = [cfg]
-    for name, choice in space.params.items():
-        for v in choice.values:
-            c = Config(tuple((k, v if k == name else x) for k, x in cfg.values))
-            if c in allowed and c not in out:
-                out.append(c)
-    return out
-
-
-def _neighbors(space, cfg: Config, allowed: set) -> list:
+def _moves(space, cfg: Config, allowed: set, reach: int | None = None) -> list:
+    """cfg with one parameter moved to another of its values, up to `reach` places away in its
+    choice list (None: any), nearest first; allowed configs only."""
     out = []
     for name, choice in space.params.items():
         vals = list(choice.values)
         i = vals.index(getattr(cfg, name))
-        for j in (i - 1, i + 1, i - 2, i + 2):
-            if 0 <= j < len(vals):
-                c = Config(tuple((k, vals[j] if k == name else v) for k, v in cfg.values))
-                if c in allowed and c not in out:
-                    out.append(c)
+        for d in range(1, (reach or len(vals)) + 1):
+            for j in (i - d, i + d):
+                if 0 <= j < len(vals):
+                    c = Config(tuple((k, vals[j] if k == name else v) for k, v in cfg.values))
+                    if c in allowed and c not in out:
+                        out.append(c)
     return out
 
 
@@ -207,7 +199,7 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
     # pattern search starts with a line search along every axis through the default (each
     # parameter set to each of its values, the others kept), so that its first step is not limited
     # to the default's neighbourhood
-    frontier = allowed if full else _axes(space, default, allowed_set)
+    frontier = allowed if full else [default] + _moves(space, default, allowed_set)
     workers = max(1, min(hw.cores, 4))
     pool = _CompilePool(workers)
     try:
@@ -234,9 +226,9 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
                 time.perf_counter() - t_start)
             if full or best is None:
                 break
-            if prev is not None and best.config == prev.config and not [c for c in _neighbors(space, best.config, allowed_set) if c not in known]:
+            if prev is not None and best.config == prev.config and not [c for c in _moves(space, best.config, allowed_set, reach=2) if c not in known]:
                 break
-            frontier = _neighbors(space, best.config, allowed_set)
+            frontier = _moves(space, best.config, allowed_set, reach=2)
             if all(c in known for c in frontier):
                 break
     finally:

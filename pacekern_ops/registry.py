@@ -49,8 +49,8 @@ def build_gemm_f32(M, N, K):
 
 def prepared_rotation(prepare, sets):
     """Cycle through argument sets (weights out of cache; one set `[()]`: a single bound call), each
-    bound once by `prepare` at the first call, i.e. after tuning: the kernels as the LLM calls them, without the ~25 us a call spends
-    checking and binding its arguments."""
+    bound once by `prepare` at the first call, i.e. after tuning: the kernels as the LLM calls
+    them, without the ~25 us a call spends checking and binding its arguments."""
     calls, state = [], [0]
 
     def run():
