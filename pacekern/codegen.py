@@ -7,7 +7,8 @@ which embeds a hash of pacekern/isa.py: Numba does not notice edits in imported 
 intrinsic change must change every generated file.
 
 The fastmath subset keeps inf/nan semantics ('nnan'/'ninf' would let LLVM delete the isinf checks
-that attention masks rely on); 'reassoc' and 'contract' allow reductions to vectorize and FMAs.
+that attention masks rely on); 'reassoc' and 'contract' allow reductions to vectorize and FMAs;
+strict_fp kernels drop 'reassoc' so that their outputs do not depend on the tile config.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .passes import SCALAR_BUILTINS
 
 _NP_DTYPE = {"f32": "float32", "bf16": "int16", "i32": "int32", "i64": "int64", "i16": "int16", "u8": "uint8", "s8": "int8"}
 FASTMATH = "{'reassoc', 'contract', 'arcp', 'nsz', 'afn'}"
+FASTMATH_STRICT = "{'contract', 'arcp', 'nsz', 'afn'}"       # strict_fp kernels: no reassociation
 _PREC = ir._PREC
 
 
@@ -174,7 +176,7 @@ def generate(k: ir.KernelIR, parallel: bool, origin: str, interpret: bool = Fals
         head += ["from pacekern.interp import njit, prange", "from pacekern import interp as _k"]
     else:
         head += ["from numba import njit, prange", "from pacekern import isa as _k"]
-    deco = (f"@njit(cache=True, fastmath={FASTMATH}, boundscheck=False, error_model='numpy', nogil=True"
+    deco = (f"@njit(cache=True, fastmath={FASTMATH_STRICT if k.strict_fp else FASTMATH}, boundscheck=False, error_model='numpy', nogil=True"
             + (", parallel=True)" if parallel else ")"))
     return "\n".join(head + ["", "", deco, f"def {func_name(k)}({', '.join(args)}):"] + body + e.lines) + "\n"
 

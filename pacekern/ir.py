@@ -157,6 +157,7 @@ class KernelIR:
     body: tuple
     config: tuple = ()                        # (name, value) pairs once constants are bound
     isa: str = ""                             # ISA level once legalized
+    strict_fp: bool = False                   # float ops in source order (no 'reassoc'; see pk.kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,4 +275,6 @@ def show(k: KernelIR) -> str:
         head.append("  # config: " + ", ".join(f"{n}={v}" for n, v in k.config))
     if k.isa:
         head.append(f"  # isa: {k.isa}")
+    if k.strict_fp:
+        head.append("  # strict_fp: float ops in source order")
     return "\n".join(head + show_stmts(k.body, 1)) + "\n"

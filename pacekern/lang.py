@@ -302,15 +302,18 @@ def func(fn):
 
 
 def kernel(fn=None, *, space: Space | None = None, ref: Callable | None = None, key: dict | None = None,
-           name: str | None = None):
+           name: str | None = None, strict_fp: bool = False):
     """Compile a Python function into a checked, tunable CPU kernel.
 
     space: tile parameters to tune (keyword-only parameters of fn); ref: the PyTorch reference,
     taking the kernel's arguments (outputs only for their shapes) and returning its outputs; key: dim -> 'exact' |
-    'pow2' | callable, how problem sizes are bucketed for tuning (default: exact).
+    'pow2' | callable, how problem sizes are bucketed for tuning (default: exact); strict_fp: LLVM may
+    not reassociate float arithmetic (a * (b * c) stays so), for kernels whose every output must be
+    the same bits whatever the tile config and the problem size (float reductions then do not
+    vectorize on their own: accumulate in explicit vectors).
     """
     from .runtime import Kernel
 
     def wrap(f):
-        return Kernel(f, space=space or Space(), ref=ref, key=key or {}, name=name)
+        return Kernel(f, space=space or Space(), ref=ref, key=key or {}, name=name, strict_fp=strict_fp)
     return wrap(fn) if fn is not None else wrap

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,11 +110,10 @@ def _shape_str(shape) -> str:
 class Kernel:
     """A compiled, checkable, tunable kernel. Call it like the function it decorates."""
 
-    def __init__(self, fn, space: Space, ref, key: dict, name: str | None = None):
+    def __init__(self, fn, space: Space, ref, key: dict, name: str | None = None, strict_fp: bool = False):
         self.fn = fn
         kir = frontend.parse(fn)
-        if name:
-            kir = ir.KernelIR(name, kir.params, kir.dims, kir.consts, kir.body)
+        kir = replace(kir, name=name or kir.name, strict_fp=strict_fp)
         unknown = set(space.params) ^ set(kir.consts)
         if unknown:
             raise frontend.PkSyntaxError(f"kernel '{kir.name}': space parameters {sorted(space.params)} must match "
