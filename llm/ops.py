@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("pacekern", "torch")
-GEMV_MAX_ROWS = 16          # up to this many rows (decode, speculative verification) the weights stream through a GEMV
+GEMV_MAX_ROWS = 16          # up to this many rows (decode, speculative verification) bf16 / fp32 / int4 weights stream through a GEMV
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ def linear_torch(lin, x, y):
 
 def linear_pacekern(lin, x, y):
     rows = x.shape[0]
-    if lin.fmt == "int8" and rows > GEMV_MAX_ROWS and lin.k % 4 == 0:   # prefill: the same activations, a GEMM
+    if lin.fmt == "int8" and lin.k % 4 == 0:                    # 16-bit activations x packed int8 weights on VNNI
         from pacekern_ops import gemm_s8x16
         if lin.packed is None:
             lin.packed = gemm_s8x16.pack_weight(lin.w.t())
         call = gemm_s8x16.prepare(x, lin.packed, lin.scale, lin.wsum, y)
-    elif lin.fmt == "int8":                                      # 16-bit activations x int8 weights on VNNI
+    elif lin.fmt == "int8":                                      # the same, row-major weights (K % 4 != 0)
         from pacekern_ops.gemv import prepare_s8_linear
         call = prepare_s8_linear(x, lin.w, lin.scale, lin.wsum, y)
     elif lin.fmt == "int4" and rows > GEMV_MAX_ROWS:             # prefill: the same activations, a GEMM

@@ -171,8 +171,9 @@ def _moves(space, cfg: Config, allowed: set, reach: int | None = None) -> list:
 
 
 def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None, cold: bool = False,
-         verbose: bool = True) -> TuneResult:
-    """Tune `kernel` for the shape bucket of `args` (which are also the validation inputs)."""
+         verbose: bool = True, start: Config | None = None) -> TuneResult:
+    """Tune `kernel` for the shape bucket of `args` (which are also the validation inputs).
+    start: where the pattern search starts (default: the space's default config, also measured)."""
     t_start = time.perf_counter()
     budget = float(budget_s if budget_s is not None else env.get("PACEKERN_TUNE_BUDGET_S"))
     force = env.flag("PACEKERN_FORCE_TUNE") if force is None else force
@@ -187,8 +188,10 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
     known = {} if force else {r.config: r for r in cache.records(key)}
     hw = cpu()
     allowed = [c for c in space.configs() if space.prune is None or space.prune(c, dict(bound.dims), hw)]
-    if default not in allowed:
-        allowed.insert(0, default)
+    seed = start or default
+    for c in (default, seed):
+        if c not in allowed:
+            allowed.insert(0, c)
     allowed_set = set(allowed)
     full = len(allowed) <= FULL_SEARCH_MAX
     say("tuning %s for %s: %d configs%s, budget %.0fs", kernel.name, ", ".join(f"{k}={v}" for k, v in bucket),
@@ -199,7 +202,7 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
     # pattern search starts with a line search along every axis through the default (each
     # parameter set to each of its values, the others kept), so that its first step is not limited
     # to the default's neighbourhood
-    frontier = allowed if full else [default] + _moves(space, default, allowed_set)
+    frontier = allowed if full else list(dict.fromkeys([seed, default] + _moves(space, seed, allowed_set)))
     workers = max(1, min(hw.cores, 4))
     pool = _CompilePool(workers)
     try:

@@ -1,5 +1,6 @@
-"""int8-weight prefill GEMM (16-bit activations): against PyTorch in float64, against the decode
-GEMV on the same quantized weights, extreme values, bad input and the machine code.
+"""int8-weight GEMM (16-bit activations; LLM prefill, decode and verification): against PyTorch in
+float64, against the row-major GEMV on the same quantized weights, rows independent of M and the
+config (bit for bit), extreme values, bad input and the machine code.
 
 Runs in every mode: PACEKERN_INTERPRET=1 (small shapes), PACEKERN_ISA=avx2 (generic lowering of
 vpdpbusd) and natively.
@@ -46,6 +47,29 @@ def test_kernel_against_its_reference(m, n, k):
     pk.check(g.gemm_s8x16, *args)
     for cfg in [pk.Config.of(MR=1, NV=1, MC=32, NS=1), pk.Config.of(MR=3, NV=3, MC=32, NS=4)]:
         pk.check(g.gemm_s8x16, *args, config=cfg)
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    """Speculative verification runs K + 1 rows where decode ran one: each row's output must be the
+    same bits whatever M and the config (rows_config's choice for 1-16 rows, the prefill default)."""
+    n, k = (40, 72) if INTERPRET else (200, 576)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(16, k, generator=gen) * torch.logspace(-3, 3, 16)[:, None]
+    q, scale, wsum = quantize_rows(torch.randn(n, k, generator=gen))
+    wp = g.pack_weight(q.t())
+    one = torch.cat([_run(x[i:i + 1], wp, scale, wsum) for i in range(16)])
+    for m in (2, 3, 5, 8, 9, 16):
+        assert torch.equal(_run(x[:m], wp, scale, wsum), one[:m]), f"M={m}"
+        assert torch.equal(_run(x[:m], wp, scale, wsum, g.SPACE.default_config()), one[:m]), f"M={m}, default config"
+
+
+def _run(x, wp, scale, wsum, config=None):
+    m, k = x.shape
+    xh, xl, xs = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+    quantize_x16(x, xh, xl, xs)
+    args = (xh.view(torch.int32), xl.view(torch.int32), xs, wp, scale, wsum, torch.empty(m, wp.shape[0] * 16)[:, :scale.numel()].contiguous())
+    g.gemm_s8x16.prepare(*args, config=config or g.rows_config(args))()
+    return args[-1]
 
 
 def test_extremes_do_not_overflow():

@@ -186,8 +186,8 @@ def test_int4_weights_match_torch_int4_and_dequantized_fp32():
 # measured on SmolLM2 (60 positions): int8 1.3e-3 vs torch, 0.6e-3 short vs long; int4 0.050, 0.038
 @pytest.mark.parametrize("weights,bound", [("int8", 3e-3), ("int4", 0.1)])
 def test_quantized_prefill_gemm_matches_torch_and_the_decode_gemv(weights, bound):
-    """A prompt longer than GEMV_MAX_ROWS runs the prefill GEMM (int8: gemm_s8x16, int4: gemm_int4);
-    its logits at every position equal those of PyTorch's own int8 / int4 matmul on the same
+    """A prompt longer than GEMV_MAX_ROWS runs the prefill GEMM (int4: gemm_int4; int8 runs
+    gemm_s8x16 at every row count, with another tile config for many rows); its logits at every position equal those of PyTorch's own int8 / int4 matmul on the same
     weights (fp32 / bf16 activations) within our activation rounding (int8: 16-bit, int4: 8-bit
     per 32 values), and a short prompt through the GEMV gives the GEMM's logits for its positions
     within the same bound (the two differ by ~1e-7 in their last roundings, which flips a few

@@ -166,6 +166,18 @@ def test_shipped_draft_is_lossless_and_drafts_from_its_head(shipped):
         drafter.propose = propose
 
 
+def test_int8_weights_pard_is_lossless():
+    """int8 weights: verification runs K + 1 rows through gemm_s8x16 where decode ran one, and the
+    draft runs 1 .. 2K rows: every row's logits must be the same bits as at one row (strict_fp), or
+    a near tie would flip a token."""
+    m = LLMModel(dtype="float32", weights="int8", pard_config=PardSpecDecodeConfig(SHIPPED, num_speculative_tokens=4))
+    prompts = heldout(2) + PROMPTS[:2]
+    truth = greedy(m, prompts, 48)
+    for k in (2, 4):
+        m.set_drafter(m.drafter, k)
+        assert [m.generate(p, SamplingConfig(max_new_tokens=48)).token_ids for p in prompts] == truth, f"K={k}"
+
+
 def test_reduced_head_draft_cannot_generate_on_its_own(shipped):
     _, drafter = shipped
     with pytest.raises(ValueError, match="drafter"):

@@ -109,3 +109,13 @@ def test_fully_cached_tuning_returns_the_cached_best(cache_dir):
     tuner._memo.clear()
     again = pk.tune(k, *args, budget_s=60)
     assert again.new == 0 and again.best == first.best and again.best_s == first.best_s
+
+
+def test_pattern_search_starts_where_asked(cache_dir, monkeypatch):
+    """start= (e.g. the config a plan uses untuned) is measured first, then the space's default."""
+    monkeypatch.setattr(tuner, "FULL_SEARCH_MAX", 2)              # force the pattern search on a small space
+    k, args = _small_gemv()
+    start = pk.Config.of(U=4, P=1)
+    res = pk.tune(k, *args, budget_s=60, start=start)
+    assert [r.config for r in res.records[:2]] == [start, k.spec.space.default_config()]
+    assert res.best in {r.config for r in res.records if r.status == "ok"}
