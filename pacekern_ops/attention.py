@@ -23,7 +23,8 @@ order and pacekern's exp (~2e-7 relative).
 
 Threads: items run in parallel when the work (query-key pairs x D) reaches PAR; causal items
 differ in cost, so item i of a (b, kv head) takes query block 0, n-1, 1, n-2, ... (a thread's
-contiguous share then holds cheap and expensive blocks alike). Decode shapes stay on one thread.
+contiguous share then holds cheap and expensive blocks alike). Decode at short contexts stays on
+one thread.
 """
 import torch
 
@@ -44,10 +45,13 @@ def ref(q, kc, vc, start, out):
     return res
 
 
+# PAR = 2**16: decode (one token, G rows per kv head) runs its kv heads in parallel from a context of
+# ~110 tokens on (SmolLM2, Zen 4, 2 threads: 8.8 vs 10.0 us per call at 250 tokens, 26 vs 32 us for
+# 3 tokens of verification; decode 142 vs 134 tok/s end to end, PARD K=2 218 vs 207)
 SPACE = pk.Space(QB=pk.choice(8, 16, 32), KB=pk.choice(64, 128, 256), MR=pk.choice(2, 3, 4, 6), NK=pk.choice(2, 4),
-                 NV=pk.choice(2, 4), PAR=pk.choice(1 << 20, 1 << 22, 1 << 62),
+                 NV=pk.choice(2, 4), PAR=pk.choice(1 << 16, 1 << 20, 1 << 22, 1 << 62),
                  where=lambda c: c.MR * c.NK + c.NK + 1 <= 28 and c.MR * c.NV + c.NV + 1 <= 28,
-                 default=dict(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 20))
+                 default=dict(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 16))
 
 
 @pk.func

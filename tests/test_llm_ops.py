@@ -153,7 +153,8 @@ ATT_CASES = [  # B, T, NH, KVH, D, S, starts
 ]
 if INTERPRET:
     ATT_CASES = [c for c in ATT_CASES if c[0] * c[1] * c[2] * (max(c[6]) + c[1]) <= 3000]
-ATT_CONFIGS = {SERIAL: None, PARALLEL: pk.Config.of(QB=8, KB=64, MR=4, NK=2, NV=2, PAR=1)}
+ATT_CONFIGS = {SERIAL: pk.Config.of(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 62),
+               PARALLEL: pk.Config.of(QB=8, KB=64, MR=4, NK=2, NV=2, PAR=1)}
 
 
 @pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
