@@ -42,7 +42,7 @@ def cmd_tune(args):
         from llm.tune import tune_model
         from pacekern.llm import LLMModel
         model = LLMModel(args.model, weights={"llm-int8": "int8", "llm-int4": "int4"}.get(args.ops[0], "native"))
-        for res in tune_model(model, budget_s=args.budget or 30.0, rows=(1, 8), force=args.force):
+        for res in tune_model(model, budget_s=args.budget or 30.0, force=args.force):
             print(res.pin_line())
         return
     for op, sizes in _problems(args):
