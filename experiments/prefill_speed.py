@@ -5,7 +5,8 @@
 
 `pacekern bench llm` measures time to first token inside whole generate calls beside several other
 engines; this script times only the forward pass over the prompt (our plan for [1, T] tokens
-against HF's model(ids) with its KV cache on), alternating the two so that machine noise hits both,
+against HF's model(ids) with its KV cache on and, as in its generate, logits for the last token
+only; our prefill plan too runs the LM head on the last token), alternating the two so that machine noise hits both,
 and prints the medians and their ratio. The prompt is random token ids (prefill cost does not
 depend on the values).
 """
@@ -46,7 +47,7 @@ def main(argv=None):
     @torch.no_grad()
     def run_hf():
         t = time.perf_counter()
-        hf(ids, use_cache=True)
+        hf(ids, use_cache=True, logits_to_keep=1)                   # as generate: the LM head on the last token
         return time.perf_counter() - t
 
     for f in (run_ours, run_hf, run_ours, run_hf):                 # warm-up: plans, kernels, allocator
