@@ -1,6 +1,6 @@
-"""int8-weight GEMM for LLM prefill, decode and speculative verification: y[M, N] = x[M, K] @ (w * scale[:, None])^T, weights int8
-per output channel (gemv.quantize_rows), x as 16-bit fixed point per row (gemv.quantize_x16: the
-same activations decode's gemv_s8 takes, so a prompt and a decode step see the same inputs).
+"""int8-weight GEMM for LLM prefill, decode and speculative verification:
+y[M, N] = x[M, K] @ (w * scale[:, None])^T, weights int8 per output channel (gemv.quantize_rows),
+x as 16-bit fixed point per row (gemv.quantize_x16: the activations gemv_s8 takes too).
 
 x = s (u - 32768) with u = 256 h + l (h, l: its high and low bytes), hence per output
 
