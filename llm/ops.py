@@ -76,21 +76,28 @@ def linear_torch(lin, x, y):
     return _bias(call, y, lin)
 
 
+def packed(lin):
+    """lin's weights in its GEMM's layout (int8: for every row count), built on first use and kept
+    on lin (beside the row-major weights, which the GEMVs and torch's ops read)."""
+    if lin.packed is None:
+        from pacekern_ops import gemm_bf16, gemm_f32, gemm_int4, gemm_s8x16
+        pack = {"int8": lambda: gemm_s8x16.pack_weight(lin.w.t()), "int4": lambda: gemm_int4.pack(lin.w, lin.scale, lin.mins),
+                "f32": lambda: gemm_f32.pack(lin.w.t()), "bf16": lambda: gemm_bf16.pack(lin.w.t())}
+        lin.packed = pack[lin.fmt]()
+    return lin.packed
+
+
 def linear_pacekern(lin, x, y):
     rows = x.shape[0]
     if lin.fmt == "int8" and lin.k % 4 == 0:                    # 16-bit activations x packed int8 weights on VNNI
         from pacekern_ops import gemm_s8x16
-        if lin.packed is None:
-            lin.packed = gemm_s8x16.pack_weight(lin.w.t())
-        call = gemm_s8x16.prepare(x, lin.packed, lin.scale, lin.wsum, y)
+        call = gemm_s8x16.prepare(x, packed(lin), lin.scale, lin.wsum, y)
     elif lin.fmt == "int8":                                      # the same, row-major weights (K % 4 != 0)
         from pacekern_ops.gemv import prepare_s8_linear
         call = prepare_s8_linear(x, lin.w, lin.scale, lin.wsum, y)
     elif lin.fmt == "int4" and rows > GEMV_MAX_ROWS:             # prefill: the same activations, a GEMM
         from pacekern_ops import gemm_int4
-        if lin.packed is None:
-            lin.packed = gemm_int4.pack(lin.w, lin.scale, lin.mins)
-        call = gemm_int4.prepare(x, lin.packed, y)
+        call = gemm_int4.prepare(x, packed(lin), y)
     elif lin.fmt == "int4":                                      # int8 activations x 4-bit weights on VNNI
         from pacekern_ops.gemv_int4 import prepare_int4_linear
         call = prepare_int4_linear(x, lin.w, lin.scale, lin.mins, y)
@@ -100,15 +107,11 @@ def linear_pacekern(lin, x, y):
         call = kern.prepare(x, lin.w, y, config=gemv.rows_config(kern, x, lin.w, y))
     elif lin.fmt == "f32":
         from pacekern_ops import gemm_f32
-        if lin.packed is None:
-            lin.packed = gemm_f32.pack(lin.w.t())
-        call = gemm_f32.gemm_f32.prepare(x, lin.packed, y)
+        call = gemm_f32.gemm_f32.prepare(x, packed(lin), y)
     else:                                                        # bf16 prefill: AMX where present
         from pacekern_ops import gemm_bf16
-        if lin.packed is None:
-            lin.packed = gemm_bf16.pack(lin.w.t())
         xb = torch.empty(x.shape, dtype=torch.bfloat16)
-        mm = gemm_bf16.prepare(xb, lin.packed, y)
+        mm = gemm_bf16.prepare(xb, packed(lin), y)
 
         def call():
             xb.copy_(x)                                          # round to bf16 (RNE), as the kernels expect

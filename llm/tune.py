@@ -14,7 +14,7 @@ def linear_problems(llm, rows: int = 1) -> list:
     call, as llm.ops.linear_pacekern runs it; start: the config its plan would use untuned (the
     search starts there; None: the space's default)."""
     from pacekern_ops import gemm_bf16, gemm_f32, gemm_int4, gemm_s8x16, gemv, gemv_int4
-    from .ops import GEMV_MAX_ROWS
+    from .ops import GEMV_MAX_ROWS, packed
     w = llm.weights
     lins = [w.layers[0].qkv, w.layers[0].o, w.layers[0].gate_up, w.layers[0].down, w.lm_head]
     gemm = rows > GEMV_MAX_ROWS
@@ -25,23 +25,18 @@ def linear_problems(llm, rows: int = 1) -> list:
             continue
         seen.add(key)
         x, y = torch.randn(rows, lin.k), torch.empty(rows, lin.n)
-        if lin.fmt == "int8" and lin.k % 4 == 0:
+        if lin.fmt == "int8":
             xh, xl, xs = torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows)
             gemv.quantize_x16(x, xh, xl, xs)
-            if lin.packed is None:
-                lin.packed = gemm_s8x16.pack_weight(lin.w.t())
-            args = (xh.view(torch.int32), xl.view(torch.int32), xs, lin.packed, lin.scale, lin.wsum, y)
-            out.append((gemm_s8x16.gemm_s8x16, args, gemm_s8x16.rows_config(args)))
-        elif lin.fmt == "int8":
-            xh, xl, xs = torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows)
-            gemv.quantize_x16(x, xh, xl, xs)
-            out.append((gemv.gemv_s8, (xh, xl, xs, lin.w, lin.scale, lin.wsum, y), None))
+            if lin.k % 4 == 0:
+                args = (xh.view(torch.int32), xl.view(torch.int32), xs, packed(lin), lin.scale, lin.wsum, y)
+                out.append((gemm_s8x16.gemm_s8x16, args, gemm_s8x16.rows_config(args)))
+            else:
+                out.append((gemv.gemv_s8, (xh, xl, xs, lin.w, lin.scale, lin.wsum, y), None))
         elif lin.fmt == "int4" and gemm:
-            if lin.packed is None:
-                lin.packed = gemm_int4.pack(lin.w, lin.scale, lin.mins)
             xq, xs, xm = gemv_int4.activation_buffers(rows, lin.k)
             gemv_int4.quantize_x8(x, xq, xs, xm)
-            out.append((gemm_int4.gemm_int4, (xq.view(torch.int32), xs, xm, *lin.packed, -(-lin.k // gemv_int4.G), y), None))
+            out.append((gemm_int4.gemm_int4, (xq.view(torch.int32), xs, xm, *packed(lin), -(-lin.k // gemv_int4.G), y), None))
         elif lin.fmt == "int4":
             xq, xs, xm = gemv_int4.activation_buffers(rows, lin.k)
             gemv_int4.quantize_x8(x, xq, xs, xm)
@@ -50,17 +45,13 @@ def linear_problems(llm, rows: int = 1) -> list:
             kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16
             out.append((kern, (x, lin.w, y), gemv.rows_config(kern, x, lin.w, y)))
         elif lin.fmt == "f32":
-            if lin.packed is None:
-                lin.packed = gemm_f32.pack(lin.w.t())
-            out.append((gemm_f32.gemm_f32, (x, lin.packed, y), None))
+            out.append((gemm_f32.gemm_f32, (x, packed(lin), y), None))
         else:
-            if lin.packed is None:
-                lin.packed = gemm_bf16.pack(lin.w.t())
             xb = x.bfloat16()
             if gemm_bf16.use_amx(rows, lin.k):
-                out.append((gemm_bf16.gemm_bf16_amx, (gemm_bf16.amx_configs(rows, lin.n), xb, lin.packed, y), None))
+                out.append((gemm_bf16.gemm_bf16_amx, (gemm_bf16.amx_configs(rows, lin.n), xb, packed(lin), y), None))
             else:
-                out.append((gemm_bf16.gemm_bf16_avx512, (xb.view(torch.int32), lin.packed, y), None))
+                out.append((gemm_bf16.gemm_bf16_avx512, (xb.view(torch.int32), packed(lin), y), None))
     return out
 
 

@@ -67,7 +67,7 @@ def _run(x, wp, scale, wsum, config=None):
     m, k = x.shape
     xh, xl, xs = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
     quantize_x16(x, xh, xl, xs)
-    args = (xh.view(torch.int32), xl.view(torch.int32), xs, wp, scale, wsum, torch.empty(m, wp.shape[0] * 16)[:, :scale.numel()].contiguous())
+    args = (xh.view(torch.int32), xl.view(torch.int32), xs, wp, scale, wsum, torch.empty(m, scale.numel()))
     g.gemm_s8x16.prepare(*args, config=config or g.rows_config(args))()
     return args[-1]
 

@@ -187,10 +187,11 @@ def test_int4_weights_match_torch_int4_and_dequantized_fp32():
 @pytest.mark.parametrize("weights,bound", [("int8", 3e-3), ("int4", 0.1)])
 def test_quantized_prefill_gemm_matches_torch_and_the_decode_gemv(weights, bound):
     """A prompt longer than GEMV_MAX_ROWS runs the prefill GEMM (int4: gemm_int4; int8 runs
-    gemm_s8x16 at every row count, with another tile config for many rows); its logits at every position equal those of PyTorch's own int8 / int4 matmul on the same
-    weights (fp32 / bf16 activations) within our activation rounding (int8: 16-bit, int4: 8-bit
-    per 32 values), and a short prompt through the GEMV gives the GEMM's logits for its positions
-    within the same bound (the two differ by ~1e-7 in their last roundings, which flips a few
+    gemm_s8x16 at every row count, with another tile config for many rows); its logits at every
+    position equal those of PyTorch's own int8 / int4 matmul on the same weights (fp32 / bf16
+    activations) within our activation rounding (int8: 16-bit, int4: 8-bit per 32 values), and a
+    short prompt (int4: through the GEMV) gives the long prompt's logits for its positions within
+    the same bound (int4's two kernels differ by ~1e-7 in their last roundings, which flips a few
     activation codes in later layers). The greedy tokens agree at every position."""
     from llm.ops import GEMV_MAX_ROWS, OpConfig
     ours = LLMModel(dtype="bfloat16", weights=weights)
