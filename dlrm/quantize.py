@@ -119,7 +119,8 @@ class QuantizedDlrm:
         a = lambda q: None if q is None else (q.scale, q.zp, q.f)
         lin = {k: dict(w=v.w, scale_w=v.scale_w, bias=v.bias, inp=a(v.inp), out=a(v.out), relu=v.relu)
                for k, v in self.linears.items()}
-        tabs = {b: dict(w=p.w, scale=p.scale, bias=p.bias, rows=p.rows) for b, p in self.tables.items()}
+        tabs = {b: dict(w=p.w, scale=p.scale.contiguous(), bias=p.bias.contiguous(), rows=p.rows)
+                for b, p in self.tables.items()}
         torch.save(dict(format=2, spec=self.spec.to_dict(), linears=lin, x_q=[a(x) for x in self.x_q], tables=tabs,
                         calib=self.calib), tmp)
         os.replace(tmp, path)
@@ -137,9 +138,8 @@ class QuantizedDlrm:
         for b, t in d["tables"].items():
             if b == 8 and d.get("format", 1) < 2:         # format 1 stored b + 128 s (the +128 folded in)
                 t["bias"] = t["bias"] - 128.0 * t["scale"]
-            p = eb.PackedTables(b, t["w"], t["scale"], t["bias"], eb._bases(t["rows"]), tuple(t["rows"]),
-                                int(t["w"].shape[1]) * (2 if b == 4 else 1))
-            tabs[b] = p
+            tabs[b] = eb.PackedTables(b, t["w"], eb.scale_bias(t["scale"], t["bias"]), eb._bases(t["rows"]),
+                                      tuple(t["rows"]), int(t["w"].shape[1]) * (2 if b == 4 else 1))
         return QuantizedDlrm(DlrmSpec.from_dict(d["spec"]), lin, [ActQ(*a) for a in d["x_q"]], tabs, None, d.get("calib", {}))
 
 

@@ -55,7 +55,7 @@ def test_embedding_bag_vs_ref(d, bits):
         pk.check(eb.embedding_bag_f32, p.w, p.base, idx, off, col0, y)
     else:
         k = eb.embedding_bag_s8 if bits == 8 else eb.embedding_bag_u4
-        pk.check(k, p.w, p.scale, p.bias, p.base, idx, off, col0, y)
+        pk.check(k, p.w, p.sb, p.base, idx, off, col0, y)
     assert (y[:, :col0] == 7).all() and (y[:, col0 + len(ROWS) * d:] == 7).all()
     # written twice: a plain torch statement of the pooled sums of the dequantized rows
     rows = eb.dequantized(p)
