@@ -101,20 +101,23 @@ def linear_pacekern(lin, x, y):
     elif lin.fmt == "int4":                                      # int8 activations x 4-bit weights on VNNI
         from pacekern_ops.gemv_int4 import prepare_int4_linear
         call = prepare_int4_linear(x, lin.w, lin.scale, lin.mins, y)
-    elif rows <= GEMV_MAX_ROWS:
+    elif lin.fmt == "f32" and rows <= GEMV_MAX_ROWS:
         from pacekern_ops import gemv
-        kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16
-        call = kern.prepare(x, lin.w, y, config=gemv.rows_config(kern, x, lin.w, y))
+        call = gemv.gemv_f32.prepare(x, lin.w, y, config=gemv.rows_config(gemv.gemv_f32, x, lin.w, y))
     elif lin.fmt == "f32":
         from pacekern_ops import gemm_f32
         call = gemm_f32.gemm_f32.prepare(x, packed(lin), y)
-    else:                                                        # bf16 prefill: AMX where present
+    else:                                                        # bf16: x rounded to bf16 (RNE), packed weights
         from pacekern_ops import gemm_bf16
         xb = torch.empty(x.shape, dtype=torch.bfloat16)
-        mm = gemm_bf16.prepare(xb, packed(lin), y)
+        if rows <= GEMV_MAX_ROWS and lin.k % 2 == 0:             # decode / verification: split N among threads
+            mm = gemm_bf16.gemm_bf16_rows.prepare(xb.view(torch.int32), packed(lin), y,
+                                                  config=gemm_bf16.rows_config(rows, lin.n, lin.k))
+        else:                                                    # prefill: AMX where present
+            mm = gemm_bf16.prepare(xb, packed(lin), y)
 
         def call():
-            xb.copy_(x)                                          # round to bf16 (RNE), as the kernels expect
+            xb.copy_(x)
             mm()
     return _bias(call, y, lin)
 

@@ -41,14 +41,16 @@ def linear_problems(llm, rows: int = 1) -> list:
             xq, xs, xm = gemv_int4.activation_buffers(rows, lin.k)
             gemv_int4.quantize_x8(x, xq, xs, xm)
             out.append((gemv_int4.gemv_int4, (xq, xs, xm, lin.w, lin.scale, lin.mins, y), None))
-        elif not gemm:
-            kern = gemv.gemv_f32 if lin.fmt == "f32" else gemv.gemv_bf16
-            out.append((kern, (x, lin.w, y), gemv.rows_config(kern, x, lin.w, y)))
+        elif lin.fmt == "f32" and not gemm:
+            out.append((gemv.gemv_f32, (x, lin.w, y), gemv.rows_config(gemv.gemv_f32, x, lin.w, y)))
         elif lin.fmt == "f32":
             out.append((gemm_f32.gemm_f32, (x, packed(lin), y), None))
         else:
             xb = x.bfloat16()
-            if gemm_bf16.use_amx(rows, lin.k):
+            if not gemm and lin.k % 2 == 0:
+                out.append((gemm_bf16.gemm_bf16_rows, (xb.view(torch.int32), packed(lin), y),
+                            gemm_bf16.rows_config(rows, lin.n, lin.k)))
+            elif gemm_bf16.use_amx(rows, lin.k):
                 out.append((gemm_bf16.gemm_bf16_amx, (gemm_bf16.amx_configs(rows, lin.n), xb, packed(lin), y), None))
             else:
                 out.append((gemm_bf16.gemm_bf16_avx512, (xb.view(torch.int32), packed(lin), y), None))

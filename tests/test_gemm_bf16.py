@@ -88,6 +88,34 @@ def test_avx512_kernel_matches_torch(m, n, k, cfg):
     assert_close_f32(y, torch_ref(x, w), k)
 
 
+ROWS_CONFIGS = [pk.Config.of(MR=1, NV=2, NS=4), pk.Config.of(MR=3, NV=3, NS=1), pk.Config.of(MR=8, NV=1, NS=2)]
+
+
+@pytest.mark.parametrize("cfg", ROWS_CONFIGS[:2] if INTERPRET else ROWS_CONFIGS, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (5, 37, 64), (9, 100, 96)] if not INTERPRET else [(1, 16, 32), (5, 37, 64)])
+def test_rows_kernel_matches_torch(m, n, k, cfg):
+    x, w = make(m, n, k)
+    y = torch.full((m, n), float("nan"))
+    pk.check(g.gemm_bf16_rows, x.view(torch.int32), g.pack(w), y, config=cfg)
+    assert_close_f32(y, torch_ref(x, w), k)
+
+
+def test_rows_kernel_gives_each_row_the_prefill_kernels_bits():
+    """Decode (1 row), verification (several) and prefill (gemm_bf16_avx512) compute a row of y
+    with the same operations in the same order: speculative decoding and batching stay exact."""
+    x, w = make(12, 40, 64)
+    wp = g.pack(w)
+    want = torch.empty(12, 40)
+    g.gemm_bf16_avx512(x.view(torch.int32), wp, want)
+    for cfg in ROWS_CONFIGS:
+        y = torch.empty(12, 40)
+        g.gemm_bf16_rows(x.view(torch.int32), wp, y, config=cfg)
+        assert torch.equal(y, want), cfg
+    y1 = torch.empty(1, 40)
+    g.gemm_bf16_rows(x[3:4].contiguous().view(torch.int32), wp, y1, config=ROWS_CONFIGS[0])
+    assert torch.equal(y1[0], want[3])
+
+
 def test_avx512_kernel_odd_k_padded():
     x, w = make(5, 20, 37)
     xp = torch.nn.functional.pad(x, (0, 1))         # pairs need an even K: one zero column
