@@ -164,11 +164,17 @@ def gemm_bf16_rows(x2: pk.i32[M, K2], wp: pk.bf16[pk.cdiv(N, 16), K2, 32], y: pk
 
 
 def rows_config(m: int, n: int, k: int):
-    """MR = the rows (up to 8) unless a tuned config for this shape is cached; else None."""
+    """Unless a tuned config for this shape is cached (then None): MR = the rows (up to 8), NV = 2,
+    and the NS (4, 2 or 1) that shares the panels most evenly among the threads (SmolLM2's N = 576
+    is 36 panels: in strips of 8, one of two threads would get 24 of them)."""
     from pacekern import tuner
     if tuner.cached_best(gemm_bf16_rows, gemm_bf16_rows.bucket({"M": m, "N": n, "K2": -(-k // 2)})) is not None:
         return None
-    return pk.Config.of(MR=min(m, 8), NV=2, NS=4)
+    panels, threads = -(-n // 16), pk.target().threads
+
+    def most_panels_a_thread(ns):
+        return -(-(-(-panels // (2 * ns))) // threads) * 2 * ns
+    return pk.Config.of(MR=min(m, 8), NV=2, NS=min((4, 2, 1), key=lambda ns: (most_panels_a_thread(ns), -ns)))
 
 
 # ---------------------------------------------------------------------------------------------
