@@ -30,7 +30,7 @@ very float operations of fbgemm's (PyTorch's) quantized embedding bags, so the p
 bit-identical to torch's and a quantized model gives the same u8 codes downstream. Threads split
 the B x T bags sample-major, so each thread gets whole samples (table 20's 100-id bags spread
 evenly). Ids are not bounds-checked here: callers validate them (dlrm.data.validate, with the
-`id_range` kernel below).
+`batch_problems` kernel below).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 
 import pacekern as pk
 
-R, D, D2, NNZ, NO, T, B, YW = pk.dims("R D D2 NNZ NO T B YW")
+R, D, D2, NNZ, NO, T, B, YW, ND = pk.dims("R D D2 NNZ NO T B YW ND")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,30 +214,47 @@ def embedding_bag_u4(w4: pk.s8[R, D2], sb: pk.f32[R, 2], base: pk.i64[T], indice
 
 
 # ---------------------------------------------------------------------------------------------
-# id range per table, for dlrm.data.validate (the bag kernels do not bounds-check ids)
+# batch checks, for dlrm.data.validate (the bag kernels do not bounds-check ids)
 
-def ref_id_range(indices, offsets, nb, lo, hi):
-    idx, off = torch.as_tensor(indices).long(), torch.as_tensor(offsets).long()
-    t = torch.as_tensor(lo).shape[0]
-    ids = [idx[off[i * nb]:off[(i + 1) * nb]].tolist() + [0] for i in range(t)]
-    return torch.tensor([min(x) for x in ids], dtype=torch.int32), torch.tensor([max(x) for x in ids], dtype=torch.int32)
+def ref_batch_problems(dense, indices, offsets, nb, rows, flags):
+    d, idx, off = torch.as_tensor(dense), torch.as_tensor(indices).long(), torch.as_tensor(offsets).long()
+    nonfinite = int((~torch.isfinite(d)).sum())
+    bad_off = int(off[0] != 0 or off[-1] != idx.shape[0] or bool((off[1:] < off[:-1]).any()))
+    bad_ids = 0
+    if not bad_off:
+        for t, r in enumerate(torch.as_tensor(rows).tolist()):
+            ids = idx[off[t * nb]:off[(t + 1) * nb]]
+            bad_ids += int(((ids < 0) | (ids >= r)).sum())
+    return torch.tensor([nonfinite, bad_off, bad_ids], dtype=torch.int32)
 
 
-@pk.kernel(ref=ref_id_range)
-def id_range(indices: pk.i32[NNZ], offsets: pk.i32[NO], nb: pk.i32, lo: pk.Out[pk.i32[T]], hi: pk.Out[pk.i32[T]]):
-    """min(0, smallest id) and max(0, largest id) of table t's bags, indices[offsets[t nb] :
-    offsets[(t + 1) nb]], for a table-major batch of nb samples with valid offsets."""
-    for t in pk.prange(T):
-        s = offsets[t * nb]
-        e = offsets[(t + 1) * nb]
-        vlo = pk.i32x16.bcast(0)
-        vhi = pk.i32x16.bcast(0)
-        for j in range(s, e, 16):
-            v = pk.i32x16.load(indices[j], n=e - j)          # lanes past e read 0: in every table
-            vlo = pk.min(vlo, v)
-            vhi = pk.max(vhi, v)
-        lo[t] = pk.hmin(vlo)
-        hi[t] = pk.hmax(vhi)
+@pk.kernel(ref=ref_batch_problems)
+def batch_problems(dense: pk.f32[B, ND], indices: pk.i32[NNZ], offsets: pk.i32[NO], nb: pk.i32, rows: pk.i64[T],
+                   flags: pk.Out[pk.i32[3]]):
+    """flags = (non-finite dense values, 1 if the offsets do not run from 0 to NNZ without going
+    down, ids outside their table's rows (counted only when the offsets are sound)) of a
+    table-major batch of nb samples with NO = T nb + 1 offsets: one serial pass over the batch."""
+    nonfinite = 0
+    for b in range(B):
+        for k in range(ND):
+            if dense[b, k] * 0.0 != 0.0:                     # inf * 0 and NaN * 0 are NaN
+                nonfinite = nonfinite + 1
+    bad_off = 0
+    if offsets[0] != 0 or offsets[NO - 1] != NNZ:
+        bad_off = 1
+    for i in range(NO - 1):
+        if offsets[i + 1] < offsets[i]:
+            bad_off = 1
+    bad_ids = 0
+    if bad_off == 0:
+        for t in range(T):
+            r = rows[t]
+            for j in range(offsets[t * nb], offsets[(t + 1) * nb]):
+                if indices[j] < 0 or indices[j] >= r:
+                    bad_ids = bad_ids + 1
+    flags[0] = nonfinite
+    flags[1] = bad_off
+    flags[2] = bad_ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,21 +99,30 @@ def test_embedding_bag_vs_torch_quantized_ops(bits):
         torch.testing.assert_close(y[:, t * d:(t + 1) * d], want, rtol=1e-5, atol=1e-5)
 
 
-def test_id_range():
-    """Per-table id range (dlrm.data.validate's check), against torch min / max per table."""
+def test_batch_problems():
+    """dlrm.data.validate's one pass (non-finite dense values, malformed offsets, ids outside their
+    table), against its reference and a plain torch count."""
     idx, off = jagged(ROWS, 5, 40, seed=3)
+    dense = torch.randn(5, 13)
+    rows = torch.tensor(ROWS, dtype=torch.int64)
+    flags = torch.empty(3, dtype=torch.int32)
+    pk.check(eb.batch_problems, dense, idx, off, 5, rows, flags)
+    assert flags.tolist() == [0, 0, 0]
+    dense[2, 5], dense[4, 0], dense[0, 12] = float("nan"), float("inf"), float("-inf")
     idx[int(off[5])] = -7                                          # table 1's first id: negative
     idx[-1] = 1 << 30                                              # the last table's last id: far out
-    for nb, o in ((5, off), (1, off[:1].expand(len(ROWS) * 5 + 1).contiguous())):   # then: every bag empty
-        lo, hi = torch.empty(len(ROWS), dtype=torch.int32), torch.empty(len(ROWS), dtype=torch.int32)
-        pk.check(eb.id_range, idx, o, nb, lo, hi)
-        for t in range(len(ROWS)):
-            ids = idx[int(o[t * nb]):int(o[(t + 1) * nb])].tolist()
-            assert (lo[t], hi[t]) == (min(ids + [0]), max(ids + [0]))
-    assert lo.tolist() == hi.tolist() == [0] * len(ROWS)
-    lo, hi = torch.empty(len(ROWS), dtype=torch.int32), torch.empty(len(ROWS), dtype=torch.int32)
-    eb.id_range(idx, off, 5, lo, hi)
-    assert lo[1] == -7 and hi[-1] == 1 << 30
+    idx[int(off[5 * 2])] = ROWS[2]                                 # table 2: one past its last row
+    pk.check(eb.batch_problems, dense, idx, off, 5, rows, flags)
+    limit = torch.repeat_interleave(rows, (off[1:] - off[:-1]).view(len(ROWS), 5).sum(1))
+    assert flags.tolist() == [3, 0, int(((idx < 0) | (idx >= limit)).sum())] == [3, 0, 3]
+    down = off.clone()
+    down[3], down[4] = down[4], down[3] - 1                        # goes down (ids are then not read)
+    end = off.clone()
+    end[-1] -= 1                                                   # does not end at len(indices)
+    empty = off[:1].expand(len(ROWS) * 5 + 1).contiguous()         # every bag empty, but ends at 0
+    for o in (down, end, empty):
+        pk.check(eb.batch_problems, dense, idx, o, 5, rows, flags)
+        assert flags.tolist()[1:] == [1, 0]
 
 
 def test_quantize_u8():
