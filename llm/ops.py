@@ -110,6 +110,7 @@ def linear_pacekern(lin, x, y):
     else:                                                        # bf16: x rounded to bf16 (RNE), packed weights
         from pacekern_ops import gemm_bf16
         xb = torch.empty(x.shape, dtype=torch.bfloat16)
+        to_bf16 = gemm_bf16.round_bf16_call(x, xb)
         if rows <= GEMV_MAX_ROWS and lin.k % 2 == 0:             # decode / verification: split N among threads
             mm = gemm_bf16.gemm_bf16_rows.prepare(xb.view(torch.int32), packed(lin), y,
                                                   config=gemm_bf16.rows_config(rows, lin.n, lin.k))
@@ -117,7 +118,7 @@ def linear_pacekern(lin, x, y):
             mm = gemm_bf16.prepare(xb, packed(lin), y)
 
         def call():
-            xb.copy_(x)
+            to_bf16()
             mm()
     return _bias(call, y, lin)
 

@@ -123,6 +123,35 @@ def gemm_bf16_avx512(x2: pk.i32[M, K2], wp: pk.bf16[pk.cdiv(N, 16), K2, 32], y: 
 
 
 # ---------------------------------------------------------------------------------------------
+# x rounded to bf16 (the kernels' input), as torch's .to(torch.bfloat16): nearest even
+
+def ref_round_bf16(x, xb):
+    return torch.as_tensor(x).to(torch.bfloat16)
+
+
+@pk.kernel(space=pk.Space(PAR=pk.choice(1 << 14, 1 << 16, 1 << 62), default=dict(PAR=1 << 16)), ref=ref_round_bf16)
+def round_bf16(x: pk.f32[M, K], xb: pk.Out[pk.bf16[M, K]], *, PAR):
+    """K a multiple of 16 (round_bf16_call falls back to torch otherwise). Rows run in parallel
+    when M K >= PAR (a decode row stays on one thread: no wake-up)."""
+    if M * K >= PAR:
+        for m in pk.prange(M):
+            for k in range(0, K, 16):
+                pk.store_bf16(xb[m, k], pk.f32x16.load(x[m, k]))
+    else:
+        for m in range(M):
+            for k in range(0, K, 16):
+                pk.store_bf16(xb[m, k], pk.f32x16.load(x[m, k]))
+
+
+def round_bf16_call(x: torch.Tensor, xb: torch.Tensor):
+    """A zero-argument call that writes x (f32) rounded to bf16 into xb: the pacekern kernel,
+    prepared once, where K % 16 == 0; else torch's copy."""
+    if x.shape[-1] % 16 or not (x.is_contiguous() and xb.is_contiguous()):
+        return lambda: xb.copy_(x)
+    return round_bf16.prepare(x, xb)
+
+
+# ---------------------------------------------------------------------------------------------
 # few rows: decode and speculative verification
 
 def _rows_prune(c, d, cpu):

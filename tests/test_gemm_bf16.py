@@ -88,6 +88,23 @@ def test_avx512_kernel_matches_torch(m, n, k, cfg):
     assert_close_f32(y, torch_ref(x, w), k)
 
 
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 64), (20, 160)])
+def test_round_bf16_is_torchs_rounding(m, k):
+    """x -> bf16 (nearest even; inf stays inf, NaN stays NaN) as torch's .to(torch.bfloat16), on
+    one thread and on several (PAR), and through round_bf16_call (torch's copy where K % 16 != 0)."""
+    x = torch.randn(m, k) * 10
+    x[0, :4] = torch.tensor([float("nan"), float("-inf"), 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])   # two ties
+    want = x.bfloat16().float()
+    for cfg in (pk.Config.of(PAR=1), pk.Config.of(PAR=1 << 62)):
+        xb = torch.empty(m, k, dtype=torch.bfloat16)
+        pk.check(g.round_bf16, x, xb, config=cfg)
+        torch.testing.assert_close(xb.float(), want, rtol=0, atol=0, equal_nan=True)
+    for kk in (k, k - 1):
+        xs, xb = x[:, :kk].contiguous(), torch.empty(m, kk, dtype=torch.bfloat16)
+        g.round_bf16_call(xs, xb)()
+        torch.testing.assert_close(xb.float(), want[:, :kk], rtol=0, atol=0, equal_nan=True)
+
+
 ROWS_CONFIGS = [pk.Config.of(MR=1, NV=2, NS=4), pk.Config.of(MR=3, NV=3, NS=1), pk.Config.of(MR=8, NV=1, NS=2)]
 
 
