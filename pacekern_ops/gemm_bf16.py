@@ -27,6 +27,10 @@ Two kernels:
 
 `gemm_bf16(x, wp, y)` picks AMX at ISA level "amx" when K % 32 == 0 and M >= AMX_MIN_M, the AVX512
 kernel otherwise.
+
+For 1-16 rows (LLM decode and speculative verification) `gemm_bf16_rows` splits N, not M, among
+the threads, on the same layout and in the same k order; `round_bf16` rounds f32 activations to
+the kernels' bf16 input.
 """
 from __future__ import annotations
 
@@ -202,7 +206,8 @@ def rows_config(m: int, n: int, k: int):
     panels, threads = -(-n // 16), pk.target().threads
 
     def most_panels_a_thread(ns):
-        return -(-(-(-panels // (2 * ns))) // threads) * 2 * ns
+        strips = -(-panels // (2 * ns))
+        return -(-strips // threads) * 2 * ns
     return pk.Config.of(MR=min(m, 8), NV=2, NS=min((4, 2, 1), key=lambda ns: (most_panels_a_thread(ns), -ns)))
 
 
