@@ -133,18 +133,22 @@ def ref_round_bf16(x, xb):
     return torch.as_tensor(x).to(torch.bfloat16)
 
 
+@pk.func
+def _round_row(x, xb, m):
+    for k in range(0, K, 16):
+        pk.store_bf16(xb[m, k], pk.f32x16.load(x[m, k]))
+
+
 @pk.kernel(space=pk.Space(PAR=pk.choice(1 << 14, 1 << 16, 1 << 62), default=dict(PAR=1 << 16)), ref=ref_round_bf16)
 def round_bf16(x: pk.f32[M, K], xb: pk.Out[pk.bf16[M, K]], *, PAR):
     """K a multiple of 16 (round_bf16_call falls back to torch otherwise). Rows run in parallel
     when M K >= PAR (a decode row stays on one thread: no wake-up)."""
     if M * K >= PAR:
         for m in pk.prange(M):
-            for k in range(0, K, 16):
-                pk.store_bf16(xb[m, k], pk.f32x16.load(x[m, k]))
+            _round_row(x, xb, m)
     else:
         for m in range(M):
-            for k in range(0, K, 16):
-                pk.store_bf16(xb[m, k], pk.f32x16.load(x[m, k]))
+            _round_row(x, xb, m)
 
 
 def round_bf16_call(x: torch.Tensor, xb: torch.Tensor):
