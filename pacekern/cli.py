@@ -241,6 +241,9 @@ def cmd_env(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dlrm"]:                                     # its own parser (dlrm/cli.py), -h included
+        sys.exit(__import__("dlrm.cli", fromlist=["main"]).main(argv[1:]))
     ap = argparse.ArgumentParser(prog="pacekern", description="Python CPU kernels: check, tune, benchmark.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="generate text with the default model (--kernels: benchmark the proof kernels)")
@@ -252,7 +255,7 @@ def main(argv=None):
     g = sub.add_parser("generate", help="stream a completion from an LLM on pacekern kernels")
     _generate_args(g)
     g.set_defaults(fn=cmd_generate)
-    for name, fn, hlp in [("bench", cmd_bench, "time ops beside PyTorch: ratio, rate, % of this machine's limits"),
+    for name, fn, hlp in [("bench", cmd_bench, "time ops beside PyTorch: ratio, rate, %% of this machine's limits"),
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:
         p = sub.add_parser(name, help=hlp)
@@ -284,8 +287,6 @@ def main(argv=None):
     e = sub.add_parser("env", help="the environment variables pacekern reads")
     e.set_defaults(fn=cmd_env)
     dl = sub.add_parser("dlrm", help="DLRMv2: train | quantize | eval | bench (see `pacekern dlrm -h`)", add_help=False)
-    dl.add_argument("rest", nargs=argparse.REMAINDER)
-    dl.set_defaults(fn=lambda a: sys.exit(__import__("dlrm.cli", fromlist=["main"]).main(a.rest)))
     args = ap.parse_args(argv)
     args.fn(args)
 
