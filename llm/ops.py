@@ -112,8 +112,8 @@ def linear_pacekern(lin, x, y):
         xb = torch.empty(x.shape, dtype=torch.bfloat16)
         to_bf16 = gemm_bf16.round_bf16_call(x, xb)
         if rows <= GEMV_MAX_ROWS and lin.k % 2 == 0:             # decode / verification: split N among threads
-            mm = gemm_bf16.gemm_bf16_rows.prepare(xb.view(torch.int32), packed(lin), y,
-                                                  config=gemm_bf16.rows_config(rows, lin.n, lin.k))
+            kernel, args, config = gemm_bf16.rows_call(xb, packed(lin), y)
+            mm = kernel.prepare(*args, config=config)
         else:                                                    # prefill: AMX where present
             mm = gemm_bf16.prepare(xb, packed(lin), y)
 

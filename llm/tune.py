@@ -48,8 +48,7 @@ def linear_problems(llm, rows: int = 1) -> list:
         else:
             xb = x.bfloat16()
             if not gemm and lin.k % 2 == 0:
-                out.append((gemm_bf16.gemm_bf16_rows, (xb.view(torch.int32), packed(lin), y),
-                            gemm_bf16.rows_config(rows, lin.n, lin.k)))
+                out.append(gemm_bf16.rows_call(xb, packed(lin), y))
             elif gemm_bf16.use_amx(rows, lin.k):
                 out.append((gemm_bf16.gemm_bf16_amx, (gemm_bf16.amx_configs(rows, lin.n), xb, packed(lin), y), None))
             else:

@@ -124,7 +124,10 @@ class _Emitter:
                 start, stop, step = (self.expr(x) for x in (s.start, s.stop, s.step))
                 if s.kind == "prange":
                     if start == "0" and step == "1":
-                        self.lines.append(f"{pad}for {s.var} in prange({stop}):")
+                        # Numba types a plain copy of a prange index (p = t) as unsigned, and then
+                        # min(p, n - 1) as float64: the kernel sees a signed copy
+                        self.lines.append(f"{pad}for _{s.var}_t in prange({stop}):")
+                        self.lines.append(f"{pad}    {s.var} = np.int64(_{s.var}_t)")
                     else:   # prange needs unit steps: iterate over tile numbers instead
                         span = stop if start == "0" else f"{stop} - {start}"
                         n = f"({span} + {step} - 1) // {step}" if step != "1" else span

@@ -154,6 +154,47 @@ def test_amx_kernel_matches_torch(m, n, k, cfg):
     assert_close_f32(y, torch_ref(x, w), k)
 
 
+AMX_ROWS_CONFIGS = [pk.Config.of(NV=1), pk.Config.of(NV=2), pk.Config.of(NV=3)]
+
+
+@needs_amx
+@pytest.mark.parametrize("cfg", AMX_ROWS_CONFIGS[1:] if INTERPRET else AMX_ROWS_CONFIGS, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (5, 48, 64)] + ([(16, 80, 576), (3, 576, 1536)] if not INTERPRET else []))
+def test_amx_rows_kernel_matches_torch(m, n, k, cfg):
+    x, w = make(m, n, k)
+    y = torch.full((m, n), float("nan"))
+    pk.check(g.gemm_bf16_amx_rows, g.amx_rows_config(m), x, g.pack(w), y, config=cfg)
+    assert_close_f32(y, torch_ref(x, w), k)
+
+
+@needs_amx
+def test_amx_rows_kernel_gives_each_row_the_amx_prefill_kernels_bits():
+    """On AMX machines decode (1 row), verification and batched decode (several) and prefill
+    (gemm_bf16_amx, K sliced or not) compute a row with the same tile products in the same order."""
+    x, w = make(12, 96, 128)
+    wp = g.pack(w)
+    want = torch.empty(12, 96)
+    g.gemm_bf16_amx(g.amx_configs(12, 96), x, wp, want, config=pk.Config.of(MB=64, NB=64, KC=64))
+    for cfg in AMX_ROWS_CONFIGS:
+        y = torch.empty(12, 96)
+        g.gemm_bf16_amx_rows(g.amx_rows_config(12), x, wp, y, config=cfg)
+        assert torch.equal(y, want), cfg
+    y1 = torch.empty(1, 96)
+    g.gemm_bf16_amx_rows(g.amx_rows_config(1), x[3:4].contiguous(), wp, y1)
+    assert torch.equal(y1[0], want[3])
+
+
+def test_rows_call_picks_by_shape_not_rows():
+    """1-16 rows go to AMX when the CPU has it and the shape allows it, whatever their count."""
+    for n, k, amx in [(48, 64, HAS_AMX), (40, 64, False), (48, 48, False)]:
+        for m in (1, 5, 16):
+            x, w = make(m, n, k)
+            kernel, args, _ = g.rows_call(x, g.pack(w), torch.empty(m, n))
+            assert kernel is (g.gemm_bf16_amx_rows if amx else g.gemm_bf16_rows), (m, n, k)
+    with pytest.raises(ValueError, match="17 rows"):
+        g.amx_rows_config(17)
+
+
 def test_amx_kernel_refuses_lower_levels():
     """Lowering (no compile) for a level without AMX is a CompileError, on any machine."""
     with pytest.raises(pk.CompileError, match="amx"):
