@@ -25,7 +25,8 @@ def test_pack_roundtrip():
     assert torch.equal(unpack(pack(w), 37), w)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + [pk.Config.of(MR=12, NV=2, KC=256, MT=4), pk.Config.of(MR=14, NV=2, KC=256, MT=4)],
+                         ids=str)
 def test_inner_loop_uses_zmm_without_spills(cfg):
     reason = needs_compiled_avx512()
     if reason:
