@@ -368,7 +368,7 @@ def amx_rows_config(m: int) -> np.ndarray:
     return np.frombuffer(_amx_rows_config(m), np.uint8)
 
 
-SPACE_AMX_ROWS = pk.Space(NV=pk.choice(1, 2, 3), default=dict(NV=2))
+SPACE_AMX_ROWS = pk.Space(NV=pk.choice(1, 2, 3), default=dict(NV=3))
 
 
 @pk.kernel(space=SPACE_AMX_ROWS, ref=ref_amx, key={"M": "exact"})
