@@ -33,6 +33,11 @@ def smol_f32():
 
 
 @pytest.fixture(scope="module")
+def smol_bf16():
+    return LLMModel(dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
 def smol_hf_f32(smol_f32):
     return hf_model(smol_f32.path, torch.float32)
 
@@ -49,6 +54,25 @@ def test_batched_equals_unbatched(smol_f32):
     batched = smol_f32.generate(PROMPTS[:3], cfg)
     for p, b in zip(PROMPTS[:3], batched):
         assert smol_f32.generate(p, cfg).token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_equal_length_prompts_share_a_prefill_and_match_unbatched(dtype, request):
+    """Rows 0-2 (equal lengths) prefill in one [3, T] forward, row 3 alone; each row's tokens are
+    those of the row generated on its own."""
+    m = request.getfixturevalue("smol_f32" if dtype == "float32" else "smol_bf16")
+    ids = m.encode(PROMPTS[0])
+    rows = [ids, ids[::-1], ids[1:] + ids[:1], ids[:-3]]
+    calls, forward = [], m.model.forward
+    m.model.forward = lambda x, *a, **k: calls.append(tuple(x.shape)) or forward(x, *a, **k)
+    try:
+        cfg = SamplingConfig(max_new_tokens=12, min_new_tokens=12)
+        batched = m.generate(rows, cfg)
+    finally:
+        del m.model.forward
+    assert calls[:2] == [(3, len(ids)), (1, len(ids) - 3)], calls[:3]
+    for r, b in zip(rows, batched):
+        assert m.generate(r, cfg).token_ids == b.token_ids
 
 
 def test_logits_match_hf_fp32(smol_f32, smol_hf_f32):
