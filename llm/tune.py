@@ -29,8 +29,8 @@ def linear_problems(llm, rows: int = 1) -> list:
             xh, xl, xs = torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows, lin.k, dtype=torch.uint8), torch.empty(rows)
             gemv.quantize_x16(x, xh, xl, xs)
             if lin.k % 4 == 0:
-                args = (xh.view(torch.int32), xl.view(torch.int32), xs, packed(lin), lin.scale, lin.wsum, y)
-                out.append((gemm_s8x16.gemm_s8x16, args, gemm_s8x16.rows_config(args)))
+                out.append(gemm_s8x16.kernel_call(xh.view(torch.int32), xl.view(torch.int32), xs, packed(lin), lin.scale,
+                                                  lin.wsum, y))
             else:
                 out.append((gemv.gemv_s8, (xh, xl, xs, lin.w, lin.scale, lin.wsum, y), None))
         elif lin.fmt == "int4" and gemm:

@@ -98,3 +98,37 @@ def test_bad_k_is_an_error():
 def test_asm_inner_loop_vpdpbusd_zmm_no_spills():
     cfg = g.SPACE.default_config()
     assert_vnni_inner_loop(g.gemm_s8x16, 2 * cfg.MR * cfg.NV)
+
+
+# ---------------------------------------------------------------------------------------------
+# AMX (tdpbusd): exact integer sums, so every row gets the VNNI kernel's bits
+
+needs_amx = pytest.mark.skipif(pk.target().level != "amx", reason="AMX kernels compile only at ISA level amx")
+
+
+def _amx_args(x, q, scale, wsum):
+    from pacekern_ops.gemm_u8s8 import amx_config_bytes
+    m, k = x.shape
+    n = q.shape[0]
+    xh, xl, xs = torch.empty(m, k, dtype=torch.uint8), torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+    quantize_x16(x, xh, xl, xs)
+    return (amx_config_bytes(m), xh.view(torch.int32), xl.view(torch.int32), xs, g.pack_weight(q.t()), scale, wsum,
+            torch.empty(-(-n // 32), 4, 16, 16, dtype=torch.int32), torch.full((m, n), float("nan")))
+
+
+@needs_amx
+@pytest.mark.parametrize("cfg", [pk.Config.of(NP=1), pk.Config.of(NP=4)], ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 16, 64), (5, 40, 128), (17, 20, 64)] + ([] if INTERPRET else [(40, 100, 576), (129, 48, 1536)]))
+def test_amx_kernel_against_its_reference_and_the_vnni_bits(m, n, k, cfg):
+    gen = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]
+    q, scale, wsum = quantize_rows(torch.randn(n, k, generator=gen))
+    args = _amx_args(x, q, scale, wsum)
+    pk.check(g.gemm_s8x16_amx, *args, config=cfg)
+    assert torch.equal(args[-1], _run(x, args[4], scale, wsum)), "AMX and VNNI disagree"
+
+
+def test_prepare_picks_amx_by_level_rows_and_k():
+    assert g.use_amx(128, 576) == (pk.target().level == "amx")
+    assert not g.use_amx(128, 68)                             # K % 64 != 0: whole tiles only
+    assert not g.use_amx(16, 576)                             # decode / verification rows: VNNI
