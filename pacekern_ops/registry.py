@@ -81,27 +81,38 @@ def build_gemv_bf16(M, N, K):
 
 
 def build_gemv_s8(M, N, K):
-    from .gemv import gemv_s8, gemv_s8_linear, prepare_s8_linear, quantize_rows
+    """int8 decode as the LLM runs it (llm/ops.py): x quantized to 16 bits, then gemm_s8x16 on packed
+    weights (the row-major gemv_s8 when K % 4 != 0)."""
+    from . import gemm_s8x16
+    from .gemv import gemv_s8, prepare_s8_linear, quantize_rows, quantize_x16
     nbytes = N * K
     sets = [quantize_rows(torch.randn(N, K)) for _ in range(_cold_copies(nbytes))]
     x, y = torch.randn(M, K), torch.empty(M, N)
     xb, nxt = x.bfloat16(), itertools.cycle(sets).__next__
     q0, s0, ws0 = sets[0]
     scratch = (torch.empty(M, K, dtype=torch.uint8), torch.empty(M, K, dtype=torch.uint8), torch.empty(M))
-    # ours: quantize x to 16 bits + the VNNI GEMV, as the LLM calls it
-    ours = prepared_rotation(lambda q, s, ws: prepare_s8_linear(x, q, s, ws, y), sets)
+    quantize_x16(x, *scratch)
+    if K % 4 == 0:
+        wsets = [(gemm_s8x16.pack_weight(q.t()), s, ws) for q, s, ws in sets]
+        ours = prepared_rotation(lambda wp, s, ws: gemm_s8x16.prepare(x, wp, s, ws, y), wsets)
+        once = lambda: gemm_s8x16.prepare(x, wsets[0][0], s0, ws0, y)()
+        kernel, args, _ = gemm_s8x16.kernel_call(scratch[0].view(torch.int32), scratch[1].view(torch.int32), scratch[2],
+                                                 wsets[0][0], s0, ws0, y)
+        tune = ((kernel, args),)
+    else:
+        ours = prepared_rotation(lambda q, s, ws: prepare_s8_linear(x, q, s, ws, y), sets)
+        once = lambda: prepare_s8_linear(x, q0, s0, ws0, y)()
+        tune = ((gemv_s8, (*scratch, q0, s0, ws0, y)),)
 
     def base():                       # torch's weight-only int8 CPU path: bf16 activations
         q, s, _ = nxt()
         return torch.ops.aten._weight_int8pack_mm(xb, q, s.bfloat16())
-    gemv_s8_linear(x, q0, s0, ws0, y, scratch)
 
     def check():                      # 16-bit activations: error ~1e-4 of the output's scale
+        once()
         want = x @ (q0.float() * s0[:, None]).t()
-        torch.testing.assert_close(gemv_s8_linear(x, q0, s0, ws0, y, scratch), want, rtol=1e-3,
-                                   atol=2e-4 * want.abs().max().item())
-    return Problem(ours, base, float(nbytes), "GB/s", tune=((gemv_s8, (*scratch, q0, s0, ws0, y)),), limit="dram",
-                   check=check)
+        torch.testing.assert_close(y, want, rtol=1e-3, atol=2e-4 * want.abs().max().item())
+    return Problem(ours, base, float(nbytes), "GB/s", tune=tune, limit="dram", check=check)
 
 
 def build_gemv_int4(M, N, K):
@@ -272,7 +283,8 @@ OPS = {op.name: op for op in [
     Op("gemv_bf16", dict(M=1, N=49152, K=576), build_gemv_bf16,
        "decode GEMV, bf16 weights streamed from DRAM (the LLM's kernel: gemm_bf16_amx_rows on AMX, else gemm_bf16_rows) vs torch bf16 linear",
        variants=(dict(M=1, N=8960, K=1536),)),
-    Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8, "decode GEMV, int8 weights + per-row scales vs torch _weight_int8pack_mm"),
+    Op("gemv_s8", dict(M=1, N=8960, K=1536), build_gemv_s8,
+       "decode GEMV, int8 weights + per-row scales (the LLM's kernel: gemm_s8x16, packed) vs torch _weight_int8pack_mm"),
     Op("gemv_int4", dict(M=1, N=8960, K=1536), build_gemv_int4,
        "decode GEMV, 4-bit weights (scale + min per 32) vs torch _weight_int4pack_mm_for_cpu on the same codes"),
     Op("gemm_s8x16", dict(M=128, N=3072, K=576), build_gemm_s8x16,
