@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-# A batch's equal-length prompts share one prefill forward of up to this many tokens (8 x 128 on
-# SmolLM2, AMX host: 178 ms against 255 ms row by row, the same logits); the plan's buffers grow
-# with it (Qwen2.5-1.5B's gate/up output alone is 72 KB a token).
-PREFILL_GROUP_ROWS = 1024
 from .kv_cache import KVCache, KVCacheConfig
 from .model import Transformer
 from .ops import OpConfig
 from .sampling import Sampler, SamplingConfig
 from .weights import ModelSpec, load
+
+# A batch's equal-length prompts share one prefill forward of up to this many tokens (8 x 128 on
+# SmolLM2, AMX host: 178 ms against 255 ms row by row, the same logits); the plan's buffers grow
+# with it (Qwen2.5-1.5B's gate/up output alone is 72 KB a token).
+PREFILL_GROUP_ROWS = 1024
 
 DTYPES = {"bfloat16": "bf16", "float32": "f32"}
 WEIGHTS = ("native", "int8", "int4")

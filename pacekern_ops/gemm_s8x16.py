@@ -122,12 +122,11 @@ AMX_SPACE = pk.Space(NP=pk.choice(1, 2, 4, 8, 16), prune=_amx_prune, default=dic
 @pk.kernel(space=AMX_SPACE, ref=ref_amx, key={"M": "pow2"}, strict_fp=True)
 def gemm_s8x16_amx(cfg: pk.u8[64], xh4: pk.i32[M, K4], xl4: pk.i32[M, K4], xs: pk.f32[M], wp: pk.s8[pk.cdiv(N, 16), K4, 64],
                    scale: pk.f32[N], wsum: pk.i32[N], c: pk.i32[pk.cdiv(N, 32), 4, 16, 16], y: pk.Out[pk.f32[M, N]], *, NP):
-    """cfg = gemm_u8s8.amx_config_bytes(M); K4 % 16 == 0 (prepare checks). Threads split N in
-    strips of NP panel pairs; per pair, blocks of 16 rows (the last one shifted up to end at M)
-    accumulate h.w and l.w in four C tiles (hi, lo x 2 panels) over the whole K, which then go
-    through the scratch c (one 4 KB slot per strip) to gemm_s8x16's epilogue. With M <= 16 the
-    weights stream once, as decode wants; for a prefill the pair (2 x 64 K4 bytes) stays in L2
-    while the row blocks sweep it."""
+    """cfg = gemm_u8s8.amx_config_bytes(M); K4 % 16 == 0 (not checked here: kernel_call sends
+    other K to gemm_s8x16). Threads split N in strips of NP panel pairs; per pair, blocks of 16 rows
+    (the last one shifted up to end at M) accumulate h.w and l.w in four C tiles (hi, lo x 2 panels)
+    over the whole K, which then go through the scratch c (one 4 KB slot per strip) to gemm_s8x16's
+    epilogue. The pair (2 x 64 K4 bytes) stays in L2 while the row blocks sweep it."""
     npn = pk.cdiv(N, 16)
     for t in pk.prange(0, pk.cdiv(N, 32 * NP)):
         pk.amx_config(cfg[0])
