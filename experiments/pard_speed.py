@@ -2,6 +2,7 @@
 
     ./run python experiments/pard_speed.py                       # shipped SmolLM2 draft, K = 2, 4, 6, 8
     ./run python experiments/pard_speed.py --k 4 --prompts 8 --weights int8
+    ./run python experiments/pard_speed.py --k 4 --trees 4:6,5:8             # chain K=4, trees (K:nodes)
 
 The draft (`smollm2-135m-instruct-pard`, made by experiments/pard_train.py) lists its training and
 held-out prompts in pard_train.json; this script uses only the held-out ones (their passages of
@@ -25,7 +26,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--draft", default="smollm2-135m-instruct-pard")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--k", default="2,4,6,8", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--k", default="2,4,6,8", type=lambda s: [int(x) for x in s.split(",") if x])
+    ap.add_argument("--trees", default="", type=lambda s: [tuple(int(y) for y in x.split(":")) for x in s.split(",") if x],
+                    help="tree verification runs, K:nodes,... (e.g. 4:6,5:8)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -33,38 +36,41 @@ def main(argv=None):
     ap.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="default: as --weights")
     args = ap.parse_args(argv)
 
+    modes = [(k, 0) for k in args.k] + args.trees                   # (K, tree nodes; 0: a chain)
     m = LLMModel(args.model, dtype=args.dtype, weights=args.weights,
-                 pard_config=PardSpecDecodeConfig(args.draft, num_speculative_tokens=max(args.k), weights=args.draft_weights))
+                 pard_config=PardSpecDecodeConfig(args.draft, num_speculative_tokens=max(k for k, _ in modes),
+                                                  weights=args.draft_weights))
     drafter = m.drafter
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)
     prompts = heldout_prompts(args.draft, args.prompts)
-    for k in [0] + args.k:                                             # warm-up: plans and kernels of every shape
-        m.set_drafter(drafter if k else None, k)
+    name = {(k, n): f"K={k}" + (f" tree {n}" if n else "") for k, n in modes}
+    for k, n in [(0, 0)] + modes:                                     # warm-up: plans and kernels of every shape
+        m.set_drafter(drafter if k else None, k, n)
         m.generate(prompts[0], SamplingConfig(max_new_tokens=16))
-    speed = {k: [] for k in [0] + args.k}
-    accepted = {k: [] for k in args.k}
-    for n, prompt in enumerate(prompts):
+    speed = {md: [] for md in [(0, 0)] + modes}
+    accepted = {md: [] for md in modes}
+    for i, prompt in enumerate(prompts):
         m.set_drafter(None, 0)
         ref = m.generate(prompt, cfg)
-        speed[0].append(ref.metrics.decode_tokens_per_s)
-        for k in args.k:
-            m.set_drafter(drafter, k)
+        speed[0, 0].append(ref.metrics.decode_tokens_per_s)
+        for md in modes:
+            m.set_drafter(drafter, *md)
             out = m.generate(prompt, cfg)
             if out.token_ids != ref.token_ids:
-                raise AssertionError(f"prompt {n}, K={k}: PARD output differs from plain greedy decoding")
-            speed[k].append(out.metrics.decode_tokens_per_s)
-            accepted[k].append(out.metrics.mean_accepted_per_round)
-        print(f"prompt {n}: {len(ref.token_ids)} tokens, plain {speed[0][-1]:.1f} tok/s, " + ", ".join(
-            f"K={k} {speed[k][-1]:.1f} ({accepted[k][-1]:.2f}/round)" for k in args.k), flush=True)
-    base = statistics.median(speed[0])
+                raise AssertionError(f"prompt {i}, {name[md]}: PARD output differs from plain greedy decoding")
+            speed[md].append(out.metrics.decode_tokens_per_s)
+            accepted[md].append(out.metrics.mean_accepted_per_round)
+        print(f"prompt {i}: {len(ref.token_ids)} tokens, plain {speed[0, 0][-1]:.1f} tok/s, " + ", ".join(
+            f"{name[md]} {speed[md][-1]:.1f} ({accepted[md][-1]:.2f}/round)" for md in modes), flush=True)
+    base = statistics.median(speed[0, 0])
     print(f"\n{args.model} {m.fmt}, draft {args.draft} {drafter.llm.fmt}, {len(prompts)} held-out prompts x {args.max_new_tokens} "
           f"tokens, outputs identical to plain greedy decoding")
-    print(f"{'':8s} {'tok/s':>7s} {'x plain':>8s} {'drafts accepted/round':>22s} {'tokens/round':>13s}")
-    print(f"{'plain':8s} {base:7.1f} {1.0:8.2f}")
-    for k in args.k:
-        s, a = statistics.median(speed[k]), statistics.mean(accepted[k])
-        ratio = statistics.median(x / y for x, y in zip(speed[k], speed[0]))
-        print(f"{'K=' + str(k):8s} {s:7.1f} {ratio:8.2f} {a - 1:22.2f} {a:13.2f}")
+    print(f"{'':12s} {'tok/s':>7s} {'x plain':>8s} {'drafts accepted/round':>22s} {'tokens/round':>13s}")
+    print(f"{'plain':12s} {base:7.1f} {1.0:8.2f}")
+    for md in modes:
+        s, a = statistics.median(speed[md]), statistics.mean(accepted[md])
+        ratio = statistics.median(x / y for x, y in zip(speed[md], speed[0, 0]))
+        print(f"{name[md]:12s} {s:7.1f} {ratio:8.2f} {a - 1:22.2f} {a:13.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""KV cache: per layer, a preallocated pool of sequence slots [slots, KVH, S, D] (fp32).
+"""KV cache: per layer, a preallocated pool of sequence slots [slots, KVH, S, D] (fp32), all views
+of one tensor [2 (k, v), layers, slots, KVH, S, D] so that one copy can move rows in every layer.
 
 A sequence owns one slot and a length; the rows of a batch are consecutive slots, so the attention
 kernels see one contiguous [B, KVH, S, D] view per layer with no copy. `truncate` rolls a sequence
 back (speculative decoding drops rejected draft rows this way: the rows past the length are simply
-overwritten later). The pool grows on demand in whole blocks of tokens and never past
+overwritten later); `move` compacts the rows of an accepted tree path. The pool grows on demand in whole blocks of tokens and never past
 `budget_bytes`; asking for more gets a clear error instead of swapping the machine to death.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ class KVCache:
         self.spec, self.config = spec, config
         self.max_tokens = min(config.max_tokens or spec.max_pos, spec.max_pos)
         self.slots, self.capacity = 0, 0
+        self.kv = torch.zeros(0)
         self.k: list = []
         self.v: list = []
         self.lengths: list = []
@@ -49,13 +51,10 @@ class KVCache:
             raise MemoryError(f"the KV cache for {slots} sequences x {cap} tokens needs {need >> 20} MB, over the "
                               f"budget of {self.config.budget_mb} MB (KVCacheConfig(budget_mb=...))")
         s = self.spec
-        shape = (slots, s.n_kv_heads, cap, s.head_dim)
-        k = [torch.zeros(shape) for _ in range(s.n_layers)]
-        v = [torch.zeros(shape) for _ in range(s.n_layers)]
-        for new, old in ((k, self.k), (v, self.v)):
-            for n, o in zip(new, old):
-                n[: o.shape[0], :, : o.shape[2]] = o
-        self.k, self.v = k, v
+        kv = torch.zeros(2, s.n_layers, slots, s.n_kv_heads, cap, s.head_dim)
+        if self.slots:
+            kv[:, :, : self.slots, :, : self.capacity] = self.kv
+        self.kv, self.k, self.v = kv, list(kv[0]), list(kv[1])
         self.lengths += [0] * (slots - self.slots)
         self.in_use += [False] * (slots - self.slots)
         self.slots, self.capacity = slots, cap
@@ -83,6 +82,13 @@ class KVCache:
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
         self.lengths[slot] = length
+
+    def move(self, slot: int, src: list, dst: int) -> None:
+        """Copy rows src of sequence `slot` to rows dst, dst + 1, ... in every layer (the gather
+        reads all of src before anything is written)."""
+        if src and not (dst >= 0 and max(src) < self.capacity and dst + len(src) <= self.capacity):
+            raise ValueError(f"cannot move rows {src} of slot {slot} to {dst} (capacity {self.capacity})")
+        self.kv[:, :, slot, :, dst:dst + len(src)] = self.kv[:, :, slot, :, torch.tensor(src)]
 
     def views(self, s0: int, n: int):
         """Per layer (k, v) views [n, KVH, S, D] of slots s0 .. s0 + n - 1."""

@@ -4,7 +4,10 @@
 slots, starting at each slot's current length, and returns the logits (and greedy ids) of the last
 token of each row, or of every token (speculative verification needs them all). A `Plan` is built
 once per (B, T, slot0, logits mode) and reused: decode runs the same plan every token, with only
-the ids and start positions rewritten in place.
+the ids and start positions rewritten in place. Tree verification (llm/speculative.py) passes
+`tree=(offs [B, T], anc [B, T, T])`: token t is rotated at position start + offs[t] and attends to
+the cached rows and its ancestors among the T new ones (anc[t, u] != 0); its KV row is still
+start + t (the caller moves the accepted path's rows into place afterwards, `KVCache.move`).
 
 Per layer (R = B * T rows):
     res += o; h = rmsnorm(res) * ln1            add_rmsnorm (res = embeddings before layer 0)
@@ -41,6 +44,8 @@ def rope_tables(max_pos: int, head_dim: int, theta: float):
 class Plan:
     ids: torch.Tensor        # i64 [B * T], rewritten per call
     start: torch.Tensor      # i32 [B], rewritten per call
+    offs: torch.Tensor       # i32 [B, T]: positions past start (0 .. T-1; tree: depths), rewritten per tree call
+    anc: torch.Tensor        # i32 [B, TA, TA]: TA = 1 causal; TA = T a tree's ancestor matrix, rewritten per call
     logits: torch.Tensor     # f32 [B or B * T, V]
     next: torch.Tensor       # i64 [B or B * T] greedy ids
     calls: list              # zero-argument callables, run in order
@@ -58,22 +63,24 @@ class Transformer:
         self.opconfig = opconfig
         self.plans.clear()
 
-    def plan(self, b: int, t: int, slot0: int, all_logits: bool) -> Plan:
-        key = (b, t, slot0, all_logits)
+    def plan(self, b: int, t: int, slot0: int, all_logits: bool, tree: bool = False) -> Plan:
+        key = (b, t, slot0, all_logits, tree)
         p = self.plans.get(key)
         if p is not None and p.version == self.cache.version:
             self.plans.move_to_end(key)
             return p
-        p = self._build(b, t, slot0, all_logits)
+        p = self._build(b, t, slot0, all_logits, tree)
         self.plans[key] = p
         if len(self.plans) > self.max_plans:
             self.plans.popitem(last=False)
         return p
 
-    def _build(self, b: int, t: int, slot0: int, all_logits: bool) -> Plan:
+    def _build(self, b: int, t: int, slot0: int, all_logits: bool, tree: bool) -> Plan:
         s, w, op = self.spec, self.w, lambda name: preparer(self.opconfig, name)
         r, h, d, nh, kvh, f = b * t, s.hidden, s.head_dim, s.n_heads, s.n_kv_heads, s.ffn
         ids, start = torch.zeros(r, dtype=torch.int64), torch.zeros(b, dtype=torch.int32)
+        offs = torch.arange(t, dtype=torch.int32).repeat(b, 1)
+        anc = torch.zeros((b, t, t) if tree else (b, 1, 1), dtype=torch.int32)
         x, res, hn = torch.empty(r, h), torch.empty(r, h), torch.empty(r, h)
         qkv, q, attn = torch.empty(b, t, s.qkv_heads, d), torch.empty(b, t, nh, d), torch.empty(b, t, nh, d)
         gu, act = torch.empty(r, 2 * f), torch.empty(r, f)
@@ -88,8 +95,8 @@ class Transformer:
         for layer, (kc, vc) in zip(w.layers, self.cache.views(slot0, b)):
             calls += [op("add_rmsnorm")(x, res, layer.ln1, s.rms_eps, hn),
                       op("linear")(layer.qkv, hn, qkv.view(r, -1)),
-                      op("rope_qkv")(qkv, start, self.cos, self.sin, q, kc, vc),
-                      op("attention")(q, kc, vc, start, attn),
+                      op("rope_qkv")(qkv, start, offs, self.cos, self.sin, q, kc, vc),
+                      op("attention")(q, kc, vc, start, anc, attn),
                       op("linear")(layer.o, attn.view(r, -1), x),
                       op("add_rmsnorm")(x, res, layer.ln2, s.rms_eps, hn),
                       op("linear")(layer.gate_up, hn, gu),
@@ -107,17 +114,21 @@ class Transformer:
         else:                                                       # a draft's reduced head: row -> token id
             row = torch.empty(rl, dtype=torch.int64)
             calls += [op("argmax")(logits, row), lambda: torch.index_select(w.head_ids, 0, row, out=nxt)]
-        return Plan(ids, start, logits, nxt, calls, self.cache.version)
+        return Plan(ids, start, offs, anc, logits, nxt, calls, self.cache.version)
 
-    def forward(self, ids: torch.Tensor, slot0: int = 0, all_logits: bool = False) -> Plan:
-        """Run ids [B, T] at the current lengths of slots slot0 .. slot0 + B - 1 and advance them."""
+    def forward(self, ids: torch.Tensor, slot0: int = 0, all_logits: bool = False, tree=None) -> Plan:
+        """Run ids [B, T] at the current lengths of slots slot0 .. slot0 + B - 1 and advance them;
+        tree = (offs [B, T], anc [B, T, T]) for tree verification (module docstring)."""
         b, t = ids.shape
         c = self.cache
         starts = c.lengths[slot0:slot0 + b]
         if max(starts) + t > c.capacity:
             c.reserve(c.slots, max(starts) + t)
-        p = self.plan(b, t, slot0, all_logits)
+        p = self.plan(b, t, slot0, all_logits, tree is not None)
         p.ids.copy_(ids.reshape(-1))
+        if tree is not None:
+            p.offs.copy_(tree[0])
+            p.anc.copy_(tree[1])
         for i, n in enumerate(starts):
             p.start[i] = n
         for fn in p.calls:

@@ -9,6 +9,8 @@ batch-1 decode where ~250 ops run per token.
 Buffers (all fp32 unless noted; R = B * T rows):
   x, res, h [R, H]   qkv [B, T, NH + 2 KVH, D]   q, attn [B, T, NH, D]   gu [R, 2F]   act [R, F]
   kc, vc [B, KVH, S, D] (KV cache rows of this batch)   start i32 [B]   logits [R', V]   next i64 [R']
+  offs i32 [B, T]: token t's position is start + offs (t, or its depth in a verification tree)
+  anc i32 [B, TA, TA]: TA = 1, causal; TA = T, a tree (query t sees this call's rows u with anc[t, u])
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def add_rmsnorm_pacekern(x, res, w, eps, out):
 
 # ---- RoPE + KV cache write -----------------------------------------------------------------------
 
-def rope_qkv_torch(qkv, start, cos, sin, q, kc, vc):
+def rope_qkv_torch(qkv, start, offs, cos, sin, q, kc, vc):
     b_, t_, _, d = qkv.shape
     nh, kvh = q.shape[2], kc.shape[1]
     ar = torch.arange(t_)
@@ -152,44 +154,43 @@ def rope_qkv_torch(qkv, start, cos, sin, q, kc, vc):
         return x * c + torch.cat((-x2, x1), dim=-1) * s
 
     def call():
-        pos = start.long()[:, None] + ar                         # [B, T]
+        row = start.long()[:, None] + ar                         # [B, T] cache rows
+        pos = start.long()[:, None] + offs.long()                # [B, T] positions
         c = torch.cat((cos[pos], cos[pos]), -1)[:, :, None]      # [B, T, 1, D]
         s = torch.cat((sin[pos], sin[pos]), -1)[:, :, None]
         q.copy_(rot(qkv[:, :, :nh], c, s))
         k = rot(qkv[:, :, nh:nh + kvh], c, s)
         for b in range(b_):
-            p = pos[b]
-            kc[b, :, p] = k[b].transpose(0, 1)
-            vc[b, :, p] = qkv[b, :, nh + kvh:].transpose(0, 1)
+            kc[b, :, row[b]] = k[b].transpose(0, 1)
+            vc[b, :, row[b]] = qkv[b, :, nh + kvh:].transpose(0, 1)
     return call
 
 
-def rope_qkv_pacekern(qkv, start, cos, sin, q, kc, vc):
+def rope_qkv_pacekern(qkv, start, offs, cos, sin, q, kc, vc):
     from pacekern_ops.rope import rope_qkv
-    return rope_qkv.prepare(qkv, start, cos, sin, q, kc, vc)
+    return rope_qkv.prepare(qkv, start, offs, cos, sin, q, kc, vc)
 
 
 # ---- attention -----------------------------------------------------------------------------------
 
-def attention_torch(q, kc, vc, start, out):
+def attention_torch(q, kc, vc, start, anc, out):
+    from pacekern_ops.attention import visible
     b_, t_, nh, d = q.shape
     group = nh // kc.shape[1]
-    ar = torch.arange(t_)
 
     def call():
         for b in range(b_):
             n = int(start[b]) + t_
             k = kc[b, :, :n].repeat_interleave(group, 0)         # [NH, n, D]
             v = vc[b, :, :n].repeat_interleave(group, 0)
-            mask = torch.arange(n)[None, :] <= (n - t_ + ar)[:, None]   # query t sees keys <= start + t
-            o = F.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, attn_mask=mask)
+            o = F.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, attn_mask=visible(n - t_, t_, anc[b]))
             out[b] = o.transpose(0, 1)
     return call
 
 
-def attention_pacekern(q, kc, vc, start, out):
+def attention_pacekern(q, kc, vc, start, anc, out):
     from pacekern_ops.attention import attention
-    return attention.prepare(q, kc, vc, start, out)
+    return attention.prepare(q, kc, vc, start, anc, out)
 
 
 # ---- MLP activation, argmax ----------------------------------------------------------------------

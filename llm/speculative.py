@@ -10,12 +10,21 @@ Drafters (same tokenizer as the target):
   ModelDrafter  a plain small model drafting token by token (K forwards of one token).
 Any object with prefill / propose / update / release works (the tests use oracle drafters).
 
+Tree verification (PardSpecDecodeConfig(tree_nodes=N)): PARD's K predictions are marginals (mask
+j never sees the tokens drafted before it), so its top candidates at each depth combine freely.
+The N most likely paths (product of the draft's probabilities; every prefix of a kept path is
+kept) form a tree whose nodes the target verifies in one forward of N + 1 rows: each node at its
+depth's position, attending to the cache and its ancestors only. The walk from the root follows
+the target's argmax as long as a child holds it, so the output is still the target's greedy one;
+the accepted path's KV rows are then moved into place (KVCache.move).
+
 State between rounds, per row (research/pard.md §1.3): the target cache holds every committed token
 but the last (the bonus token, which is the next target input); a drafter keeps its own "pending"
 list of committed tokens it has not encoded yet.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from dataclasses import dataclass
@@ -32,6 +41,10 @@ class PardSpecDecodeConfig:
     pard_token: int | None = None            # mask token id; None: the draft config's `pard_token`
     num_speculative_tokens: int = 12         # K
     weights: str | None = None               # the draft's weights, "native" | "int8" | "int4"; None: as the target's
+    tree_nodes: int = 0                      # 0: verify a chain of K drafts; N: a tree of the N likeliest (depth <= K)
+
+
+TREE_TOPK = 4                                # candidates per depth a tree may branch into
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,14 @@ def pard_token_of(path: Path, given: int | None) -> int:
         raise ValueError(f"{path}: the draft's config.json has no `pard_token` and none was given "
                          f"(PardSpecDecodeConfig(pard_token=...)); is this a PARD draft model?")
     return int(tok)
+
+
+def check_tree(drafter, k: int, tree_nodes: int) -> None:
+    if not 0 <= tree_nodes <= 31:
+        raise ValueError(f"tree_nodes={tree_nodes}: choose 0 (a chain of K drafts) .. 31")
+    if tree_nodes and not hasattr(drafter, "propose_tree"):
+        raise ValueError(f"tree_nodes={tree_nodes} needs a drafter that scores several candidates per depth "
+                         f"(PARD, propose_tree); {type(drafter).__name__} proposes a single chain")
 
 
 def heldout_prompts(draft, n: int) -> list:
@@ -85,8 +106,54 @@ class PardDrafter:
         c.truncate(slot, n0 + len(pend))                  # drop the K-1 mask rows: they described masks
         return drafts
 
+    def propose_tree(self, i: int, k: int, topk: int = TREE_TOPK) -> tuple:
+        """The draft's top candidates at each of k depths: (token ids [k][<=topk], probabilities),
+        from the same single forward as propose; the mask token is never a candidate."""
+        c, slot = self.llm.cache, self.s0 + i
+        n0 = c.lengths[slot]
+        pend = self.pending[i]
+        p = self.llm.model.forward(torch.tensor([pend + [self.mask] * (k - 1)]), slot, all_logits=True)
+        prob, row = torch.softmax(p.logits[-k:], -1).topk(min(topk + 1, p.logits.shape[1]), -1)
+        head_ids = self.llm.weights.head_ids
+        ids = (row if head_ids is None else head_ids[row]).tolist()
+        c.truncate(slot, n0 + len(pend))
+        prob = prob.tolist()
+        keep = [[j for j, t in enumerate(d) if t != self.mask][:topk] for d in ids]
+        return [[d[j] for j in kj] for d, kj in zip(ids, keep)], [[q[j] for j in kj] for q, kj in zip(prob, keep)]
+
     def update(self, i: int, accepted: int, new: list):
         self.pending[i] = list(new)                       # the draft saw masks where the accepted drafts are
+
+
+def build_tree(cands: list, probs: list, n: int) -> tuple:
+    """The n likeliest draft paths, best first: (tokens, parents, depths) per node, node j being
+    verification row j + 1 (row 0 is the root, the bonus token); a parent always comes before its
+    children. A path's score is the product of its candidates' probabilities, so a prefix never
+    scores below its extensions and the kept set is a tree."""
+    heap = [(-probs[0][c], 0, c) for c in range(len(cands[0]))]           # (-score, parent row, candidate)
+    heapq.heapify(heap)
+    tokens, parents, depths = [], [], []
+    while heap and len(tokens) < n:
+        score, par, c = heapq.heappop(heap)
+        d = depths[par - 1] + 1 if par else 1
+        tokens.append(cands[d - 1][c])
+        parents.append(par)
+        depths.append(d)
+        if d < len(cands):
+            for c2 in range(len(cands[d])):
+                heapq.heappush(heap, (score * probs[d][c2], len(tokens), c2))
+    return tokens, parents, depths
+
+
+def tree_inputs(parents: list, depths: list) -> tuple:
+    """offs [T] (depths, root 0) and anc [T, T] (1 where column u is row t's ancestor or itself)."""
+    t = len(parents) + 1
+    anc = [[0] * t for _ in range(t)]
+    anc[0][0] = 1
+    for j, par in enumerate(parents, 1):
+        anc[j] = list(anc[par])
+        anc[j][j] = 1
+    return [0] + list(depths), anc
 
 
 class ModelDrafter:
@@ -110,10 +177,12 @@ class ModelDrafter:
         self.pending[i] = list(new[kept:])
 
 
-def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool):
-    """The speculative loop over RowStates (llm/generate.py); yields the same events as plain decode."""
+def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tree_nodes: int = 0):
+    """The speculative loop over RowStates (llm/generate.py); yields the same events as plain decode.
+    tree_nodes > 0 verifies a tree of that many drafts (drafter.propose_tree) instead of a chain."""
     from .generate import emit
     b, cache = len(states), llm.cache
+    t = (tree_nodes or k) + 1                                      # verification rows per sequence
     drafter.begin(b, max(len(r.prompt) for r in states) + states[0].cfg.max_new_tokens, k)
     try:
         for i, r in enumerate(states):                         # plain prefill of the target, then of the drafter
@@ -126,29 +195,48 @@ def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool):
             if r.finish is None:
                 drafter.prefill(i, r.prompt, r.out[-1])
         yield from emit(states)
+        chain = (list(range(t - 1)), list(range(1, t)))            # parents, depths of a chain of t - 1 drafts
         while any(r.finish is None for r in states):
             active = [i for i, r in enumerate(states) if r.finish is None]
-            drafts = {i: drafter.propose(i, k) for i in active}
-            x = torch.tensor([[r.out[-1]] + drafts.get(i, [0] * k) for i, r in enumerate(states)])
+            if tree_nodes:
+                trees = {i: build_tree(*drafter.propose_tree(i, k), tree_nodes) for i in active}
+            else:
+                trees = {i: (drafter.propose(i, k), *chain) for i in active}
+            rows = [trees.get(i, ([0] * (t - 1), *chain)) for i in range(b)]
+            x = torch.tensor([[r.out[-1]] + rows[i][0] for i, r in enumerate(states)])
             lengths = [cache.lengths[s0 + i] for i in range(b)]
-            p = llm.model.forward(x, s0, all_logits=True)        # verify K + 1 positions per row
-            pred = p.next.view(b, k + 1).tolist()
+            if tree_nodes:
+                offs, anc = zip(*(tree_inputs(par, dep) for _, par, dep in rows))
+                p = llm.model.forward(x, s0, all_logits=True, tree=(torch.tensor(offs), torch.tensor(anc)))
+            else:
+                p = llm.model.forward(x, s0, all_logits=True)      # verify K + 1 positions per row (causal)
+            pred = p.next.view(b, t).tolist()
             for i, r in enumerate(states):
-                if i not in drafts:
+                if i not in trees:
                     cache.truncate(s0 + i, lengths[i])           # finished rows: nothing kept
                     continue
-                d, g = drafts[i], pred[i]
-                for j in range(k + 1):                               # as plain decode: no EOS before min_new_tokens
-                    if len(r.out) + j < r.cfg.min_new_tokens and g[j] in llm.eos_ids:
-                        g[j] = r.pick(p.logits[i * (k + 1) + j], g[j])
-                a = 0
-                while a < k and d[a] == g[a]:
-                    a += 1
-                new = d[:a] + [g[a]]
-                taken = [t for t in new if r.accept(t)]            # stops inside the block at EOS / max_new_tokens
+                tokens, parents, _ = trees[i]
+                child = {}
+                for j, (tok, par) in enumerate(zip(tokens, parents), 1):
+                    child.setdefault((par, tok), j)
+                path, cur = [], 0                                # walk the target's argmax down the tree
+                while True:
+                    g = pred[i][cur]
+                    if len(r.out) + len(path) < r.cfg.min_new_tokens and g in llm.eos_ids:
+                        g = r.pick(p.logits[i * t + cur], g)     # as plain decode: no EOS before min_new_tokens
+                    nxt = child.get((cur, g))
+                    if nxt is None:
+                        break
+                    path.append(nxt)
+                    cur = nxt
+                a = len(path)
+                new = [tokens[j - 1] for j in path] + [g]
+                taken = [tok for tok in new if r.accept(tok)]      # stops inside the block at EOS / max_new_tokens
+                if path != list(range(1, a + 1)):                  # a side branch: its KV rows move into place
+                    cache.move(s0 + i, [lengths[i] + j for j in path], lengths[i] + 1)
                 cache.truncate(s0 + i, lengths[i] + 1 + a)         # keep the input bonus + accepted drafts
-                r.rounds, r.drafted, r.accepted = r.rounds + 1, r.drafted + k, r.accepted + a
-                log.debug("row %d round %d: drafts %s, accepted %d, committed %s", i, r.rounds, d, a, taken)
+                r.rounds, r.drafted, r.accepted = r.rounds + 1, r.drafted + len(tokens), r.accepted + a
+                log.debug("row %d round %d: drafts %s, accepted %d, committed %s", i, r.rounds, tokens, a, taken)
                 if r.finish is None:
                     drafter.update(i, a, new)
             yield from emit(states)

@@ -136,7 +136,10 @@ def cmd_generate(args):
             args.pard = DEFAULT_PARD_DRAFT.get(args.model or DEFAULT_MODEL)
             if args.pard is None:
                 sys.exit(f"pacekern generate: no shipped PARD draft for {args.model}; pass one: --pard DRAFT")
-        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 2, weights=args.draft_weights)
+        if args.tree_nodes and not args.pard:
+            sys.exit("pacekern generate: --tree-nodes needs a PARD draft (--pard)")
+        spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 4, weights=args.draft_weights,
+                                     tree_nodes=args.tree_nodes)
                 if args.pard else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4,
                                                              weights=args.draft_weights))
     try:
@@ -175,8 +178,10 @@ def _generate_args(p, prompt_default=None):
                    help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
     # PARD's K: the API default is PACE's 12; on the CLI the K measured fastest with the shipped
-    # draft on 2 cores (experiments/pard_speed.py: K=2 1.15-1.2x plain decode, K=4 ~1.0x, K=8 0.67x)
-    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 2, draft model: 4)")
+    # draft on 2 cores (experiments/pard_speed.py, bf16, 2026-12-01: K=4 1.39x plain decode, K=8 1.27x)
+    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 4, draft model: 4)")
+    p.add_argument("--tree-nodes", type=int, default=0,
+                   help="PARD: verify a tree of this many drafts (the likeliest paths, depth <= K) instead of a chain")
     p.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="the draft's weights (default: as --weights)")
 
 

@@ -2,8 +2,11 @@
 
     out[b, t, h] = softmax_s(q[b, t, h] . kc[b, g, s] / sqrt(D)) @ vc[b, g, s],  s = 0 .. start[b] + t
 
-with g = h // (NH // KVH). The caller has already written this step's keys and values into the
-cache (rope_qkv), so prefill (start 0, T up to the prompt), decode (T = 1, a different start per
+with g = h // (NH // KVH). Tree verification (TA = T > 1) narrows that: a query t sees the
+cache rows before start[b] and, of this call's rows, only those u with anc[b, t, u] != 0 (its
+ancestors and itself; they come before it, so the causal bound still holds; anc[b, t, 0], the
+root, must be set). Plain calls pass anc of shape [B, 1, 1]. The caller has already written this
+step's keys and values into the cache (rope_qkv), so prefill (start 0, T up to the prompt), decode (T = 1, a different start per
 row) and verification (T = K + 1 at start > 0) are one code path.
 
 Work items are (b, kv head, block of QB query tokens); an item's query rows are its tokens x the
@@ -30,17 +33,25 @@ import torch
 
 import pacekern as pk
 
-B, T, NH, KVH, S, D = pk.dims("B T NH KVH S D")
+B, T, NH, KVH, S, D, TA = pk.dims("B T NH KVH S D TA")
 
 
-def ref(q, kc, vc, start, out):
+def visible(start: int, t: int, anc=None) -> torch.Tensor:
+    """[t, start + t] bool: which cache rows each of t new queries sees (causal; anc [t, t]: a tree)."""
+    mask = torch.arange(start + t)[None, :] <= (start + torch.arange(t))[:, None]
+    if anc is not None and anc.shape[-1] > 1:
+        mask[:, start:] &= anc != 0
+    return mask
+
+
+def ref(q, kc, vc, start, anc, out):
     nb, nt, nh, _ = q.shape
     g = nh // kc.shape[1]
     res = torch.empty_like(q)
     for b in range(nb):
         n = int(start[b]) + nt
         k, v = kc[b, :, :n].repeat_interleave(g, 0), vc[b, :, :n].repeat_interleave(g, 0)
-        mask = torch.arange(n)[None, :] <= (int(start[b]) + torch.arange(nt))[:, None]
+        mask = visible(int(start[b]), nt, anc[b])
         res[b] = torch.nn.functional.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
     return res
 
@@ -115,6 +126,16 @@ def _softmax(sc, acc, ml, r, nr, nkb):
 
 
 @pk.func
+def _tree_mask(anc, sc, b, t, r, j0, nr):
+    """Row r (token t) keeps the scores of this call's keys j >= j0 (cache row start + j - j0) that
+    are its ancestors; the others get -inf. Every row sees cache row 0 (an old row or the root),
+    so a block's running max never stays -inf."""
+    for j in range(max(j0, 0), nr):
+        if anc[b, t, j - j0] == 0:
+            sc[r, j] = -float("inf")
+
+
+@pk.func
 def _pv(vc, sc, acc, b, kvh, s0, rows, p0, G):
     """acc[r] += sum_j sc[r, j] * vc[b, kvh, s0 + j] over the keys the tile of rows may see"""
     for r0 in range(0, rows, MR):
@@ -139,7 +160,7 @@ def _pv(vc, sc, acc, b, kvh, s0, rows, p0, G):
 
 
 @pk.func
-def _attend(q, kc, vc, start, out, it, nqb):
+def _attend(q, kc, vc, start, anc, out, it, nqb):
     """Work item `it`: (b, kv head) = it // nqb, query block zigzagged from it % nqb."""
     G = NH // KVH
     j = it % nqb
@@ -166,7 +187,10 @@ def _attend(q, kc, vc, start, out, it, nqb):
     for s0 in range(0, plast + 1, KB):
         _scores(qs, kc, sc, b, kvh, s0, rows, p0, G)
         for r in range(rows):
-            _softmax(sc, acc, ml, r, min(KB, p0 + r // G + 1 - s0), min(KB, plast + 1 - s0))
+            nr = min(KB, p0 + r // G + 1 - s0)
+            if TA > 1:
+                _tree_mask(anc, sc, b, t0 + r // G, r, start[b] - s0, nr)
+            _softmax(sc, acc, ml, r, nr, min(KB, plast + 1 - s0))
         _pv(vc, sc, acc, b, kvh, s0, rows, p0, G)
     for r in range(rows):
         inv = 1.0 / ml[1, r]
@@ -176,14 +200,14 @@ def _attend(q, kc, vc, start, out, it, nqb):
 
 @pk.kernel(space=SPACE, ref=ref, key={"B": "pow2", "T": "pow2"})
 def attention(q: pk.f32[B, T, NH, D], kc: pk.f32[B, KVH, S, D], vc: pk.f32[B, KVH, S, D], start: pk.i32[B],
-              out: pk.Out[pk.f32[B, T, NH, D]], *, QB, KB, MR, NK, NV, PAR):
+              anc: pk.i32[B, TA, TA], out: pk.Out[pk.f32[B, T, NH, D]], *, QB, KB, MR, NK, NV, PAR):
     nqb = (T + QB - 1) // QB
     work = 0                                 # query-key pairs
     for b in range(B):
         work += T * (start[b] + T)
     if work * NH * D >= PAR:
         for it in pk.prange(B * KVH * nqb):
-            _attend(q, kc, vc, start, out, it, nqb)
+            _attend(q, kc, vc, start, anc, out, it, nqb)
     else:
         for it in range(B * KVH * nqb):
-            _attend(q, kc, vc, start, out, it, nqb)
+            _attend(q, kc, vc, start, anc, out, it, nqb)

@@ -227,7 +227,7 @@ def build_rope_qkv(B, T, NH, KVH, D, start):
     _, kc, vc, st = _kv_problem(B, T, NH, KVH, D, start)
     qkv, q = torch.randn(B, T, NH + 2 * KVH, D), torch.empty(B, T, NH, D)
     cos, sin = rope_tables(start + T, D, 1e4)
-    args = (qkv, st, cos, sin, q, kc, vc)
+    args = (qkv, st, torch.arange(T, dtype=torch.int32).repeat(B, 1), cos, sin, q, kc, vc)
     pos = torch.arange(start, start + T)
     c, s = torch.cat((cos[pos], cos[pos]), -1)[None, :, None], torch.cat((sin[pos], sin[pos]), -1)[None, :, None]
 
@@ -246,7 +246,7 @@ def build_attention(B, T, NH, KVH, D, start):
     q, kc, vc, st = _kv_problem(B, T, NH, KVH, D, start)
     out, qt = torch.empty_like(q), q.transpose(1, 2)
     mask = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
-    args = (q, kc, vc, st, out)
+    args = (q, kc, vc, st, torch.zeros(B, 1, 1, dtype=torch.int32), out)    # causal (no tree)
     return Problem(attention.prepare(*args),
                    lambda: torch.nn.functional.scaled_dot_product_attention(qt, kc, vc, attn_mask=mask, enable_gqa=True),
                    4.0 * B * NH * D * (T * start + T * (T + 1) // 2), "GFLOP/s", tune=((attention, args),),

@@ -1,11 +1,13 @@
 """Rotary position embedding on the fused QKV projection, writing the KV cache.
 
 qkv[b, t] holds NH query heads, then KVH key heads, then KVH value heads (the [B*T, (NH+2KVH)*D]
-output of the fused projection viewed as [B, T, NH+2KVH, D]). Token t of row b sits at position
-p = start[b] + t. The kernel writes
+output of the fused projection viewed as [B, T, NH+2KVH, D]). Token t of row b goes to cache row
+c = start[b] + t and sits at position p = start[b] + offs[b, t]: offs[b, t] = t for a sequence;
+tree verification gives each node its depth, so siblings share a position but not a row. The
+kernel writes
     q[b, t, h]      = rope(query head h, p)
-    kc[b, kvh, p]   = rope(key head kvh, p)
-    vc[b, kvh, p]   = value head kvh            (a copy)
+    kc[b, kvh, c]   = rope(key head kvh, p)
+    vc[b, kvh, c]   = value head kvh            (a copy)
 and leaves every other row of kc/vc untouched. rope is Hugging Face's rotate-half form (Llama,
 Qwen2): with x = (x1, x2) split in halves and c, s = cos[p], sin[p] (D/2 frequencies),
     out = (x1 * c - x2 * s,  x2 * c + x1 * s)
@@ -13,7 +15,7 @@ which is x * cat(c, c) + rotate_half(x) * cat(s, s). The tables come from `rope_
 in fp32 exactly as HF computes them, so they match bit for bit; the kernel may fuse a multiply
 and an add into one FMA where torch rounds twice (<= 1 ulp).
 
-Positions p >= S (cache capacity) or p >= P (table length) would be out of bounds: such tokens
+Rows c >= S (cache capacity) or positions p >= P (table length) would be out of bounds: such tokens
 are skipped (nothing written), so the caller must size the cache and tables for the sequence.
 Tokens are independent; they run on one thread unless B*T*(NH+2KVH)*D >= PAR.
 """
@@ -39,17 +41,17 @@ def _rotate_half_ref(x, cos, sin):
     return x * c + torch.cat((-x2, x1), -1) * s
 
 
-def ref(qkv, start, cos, sin, q, kc, vc):
+def ref(qkv, start, offs, cos, sin, q, kc, vc):
     nh, kvh = q.shape[2], kc.shape[1]
-    pos = start.long()[:, None] + torch.arange(qkv.shape[1])            # [B, T]
+    row = start.long()[:, None] + torch.arange(qkv.shape[1])            # [B, T] cache rows
+    pos = start.long()[:, None] + offs.long()                             # [B, T] positions
     c, s = cos[pos][:, :, None], sin[pos][:, :, None]                     # [B, T, 1, D/2]
     q_out = _rotate_half_ref(qkv[:, :, :nh], c, s)
     k_rot = _rotate_half_ref(qkv[:, :, nh: nh + kvh], c, s)
     kc_out, vc_out = kc.clone(), vc.clone()
     for b in range(qkv.shape[0]):
-        p = pos[b]
-        kc_out[b][:, p] = k_rot[b].transpose(0, 1)
-        vc_out[b][:, p] = qkv[b, :, nh + kvh:].transpose(0, 1)
+        kc_out[b][:, row[b]] = k_rot[b].transpose(0, 1)
+        vc_out[b][:, row[b]] = qkv[b, :, nh + kvh:].transpose(0, 1)
     return q_out, kc_out, vc_out
 
 
@@ -70,26 +72,27 @@ def _rope_head(qkv, cos, sin, b, t, h, p, dst, i0, i1, i2):
 
 
 @pk.func
-def _rope_token(qkv, start, cos, sin, q, kc, vc, bt):
+def _rope_token(qkv, start, offs, cos, sin, q, kc, vc, bt):
     b = bt // T
     t = bt % T
-    p = start[b] + t
-    if p < S and p < P:
+    c = start[b] + t
+    p = start[b] + offs[b, t]
+    if c < S and p < P:
         for h in range(NH):
             _rope_head(qkv, cos, sin, b, t, h, p, q, b, t, h)
         for h in range(KVH):
-            _rope_head(qkv, cos, sin, b, t, NH + h, p, kc, b, h, p)
+            _rope_head(qkv, cos, sin, b, t, NH + h, p, kc, b, h, c)
             for i in range(0, D, 16):
-                pk.store(vc[b, h, p, i], pk.f32x16.load(qkv[b, t, NH + KVH + h, i], n=D - i), n=D - i)
+                pk.store(vc[b, h, c, i], pk.f32x16.load(qkv[b, t, NH + KVH + h, i], n=D - i), n=D - i)
 
 
 @pk.kernel(space=SPACE, ref=ref, key={"B": "pow2", "T": "pow2"})
-def rope_qkv(qkv: pk.f32[B, T, NH + 2 * KVH, D], start: pk.i32[B], cos: pk.f32[P, D // 2], sin: pk.f32[P, D // 2],
+def rope_qkv(qkv: pk.f32[B, T, NH + 2 * KVH, D], start: pk.i32[B], offs: pk.i32[B, T], cos: pk.f32[P, D // 2], sin: pk.f32[P, D // 2],
              q: pk.Out[pk.f32[B, T, NH, D]], kc: pk.Out[pk.f32[B, KVH, S, D]], vc: pk.Out[pk.f32[B, KVH, S, D]],
              *, PAR):
     if B * T * (NH + 2 * KVH) * D >= PAR:
         for bt in pk.prange(B * T):
-            _rope_token(qkv, start, cos, sin, q, kc, vc, bt)
+            _rope_token(qkv, start, offs, cos, sin, q, kc, vc, bt)
     else:
         for bt in range(B * T):
-            _rope_token(qkv, start, cos, sin, q, kc, vc, bt)
+            _rope_token(qkv, start, offs, cos, sin, q, kc, vc, bt)

@@ -3,8 +3,8 @@ the KV cache write, causal GQA attention, SiLU * up, argmax and the fp32 GEMV.
 
 Shapes: the real models' (SmolLM2-135M: H=576, NH=9, KVH=3, D=64, F=1536, V=49152;
 Qwen2.5-0.5B: H=896, NH=14, KVH=2, D=64, F=4864, V=151936; Qwen2.5-1.5B: NH=12, KVH=2, D=128),
-odd sizes with masked tails, decode with a different start per row, verification (T=5 at start>0)
-and prefill. Every kernel runs with its default config and one that forces the parallel path
+odd sizes with masked tails, decode with a different start per row, verification (T=5 at start>0),
+tree verification (positions = depths, attention to ancestors only) and prefill. Every kernel runs with its default config and one that forces the parallel path
 (PAR=1) with other tile sizes. Tolerances: fp32, relative to the output's largest value.
 """
 import pytest
@@ -20,6 +20,11 @@ from pacekern_ops.norm import add_rmsnorm, rmsnorm
 from pacekern_ops.rope import rope_qkv, rope_tables
 
 SERIAL, PARALLEL = "serial", "parallel"
+
+
+def seq_offs(b, t, depths=None):
+    """offs [B, T]: token t at position start + t, or start + depths[b][t] (a tree)"""
+    return torch.tensor(depths if depths is not None else [list(range(t))] * b, dtype=torch.int32)
 
 
 def close(got, want, rtol=1e-5, atol=1e-5):
@@ -79,31 +84,35 @@ if INTERPRET:
     ROPE_CASES = [c for c in ROPE_CASES if c[1] * c[2] <= 40]
 
 
+@pytest.mark.parametrize("tree", [False, True])
 @pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
 @pytest.mark.parametrize("b,t,nh,kvh,d,s,starts", ROPE_CASES)
-def test_rope_qkv(b, t, nh, kvh, d, s, starts, mode):
+def test_rope_qkv(b, t, nh, kvh, d, s, starts, mode, tree):
     theta = 1e6 if nh == 14 else 1e5
     cos, sin = rope_tables(s, d, theta)
     qkv, start = torch.randn(b, t, nh + 2 * kvh, d), torch.tensor(starts, dtype=torch.int32)
     q, kc, vc = torch.empty(b, t, nh, d), torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
     kc0, vc0 = kc.clone(), vc.clone()
-    rope_qkv(qkv, start, cos, sin, q, kc, vc, config=pk.Config.of(PAR=1 if mode == PARALLEL else 1 << 62))
+    g = torch.Generator().manual_seed(t)                     # a tree: token t at a depth <= t
+    depths = [[0] + [int(torch.randint(1, j + 1, (1,), generator=g)) for j in range(1, t)] for _ in range(b)] if tree else None
+    offs = seq_offs(b, t, depths)
+    rope_qkv(qkv, start, offs, cos, sin, q, kc, vc, config=pk.Config.of(PAR=1 if mode == PARALLEL else 1 << 62))
     want_k, want_v = kc0.clone(), vc0.clone()
     for i in range(b):
-        pos = starts[i] + torch.arange(t)
+        rows, pos = starts[i] + torch.arange(t), starts[i] + offs[i].long()
         x = qkv[i].transpose(0, 1)                           # [heads, T, D]
         # float64 angles vs HF's fp32 ones: positions x inv_freq rounds to ~1e-7 relative, i.e.
         # ~3e-5 rad at position 300; compare against fp64 tables with that slack
         close(q[i].transpose(0, 1), rope_torch(x[:nh], pos, theta), atol=1e-4)
-        want_k[i][:, pos] = rope_torch(x[nh: nh + kvh], pos, theta)
-        want_v[i][:, pos] = x[nh + kvh:]
+        want_k[i][:, rows] = rope_torch(x[nh: nh + kvh], pos, theta)
+        want_v[i][:, rows] = x[nh + kvh:]
     close(kc, want_k, atol=1e-4)
     assert torch.equal(vc, want_v)                          # values copied, other rows untouched
     written = torch.zeros(b, kvh, s, dtype=torch.bool)
     for i in range(b):
         written[i, :, starts[i]: starts[i] + t] = True
     assert torch.equal(kc[~written], kc0[~written])
-    pk.check(rope_qkv, qkv, start, cos, sin, q, kc0, vc0, rtol=1e-6, atol=1e-6)   # against HF's fp32 tables: ~1 ulp
+    pk.check(rope_qkv, qkv, start, offs, cos, sin, q, kc0, vc0, rtol=1e-6, atol=1e-6)   # against HF's fp32 tables: ~1 ulp
 
 
 def test_rope_tables_match_transformers():
@@ -120,14 +129,15 @@ def test_rope_skips_positions_past_the_cache():
     cos, sin = rope_tables(8, 16, 1e4)
     qkv, start = torch.randn(1, 3, 4, 16), torch.tensor([6], dtype=torch.int32)   # positions 6, 7, 8; S = 8
     q, kc, vc = torch.zeros(1, 3, 2, 16), torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
-    rope_qkv(qkv, start, cos, sin, q, kc, vc)
+    rope_qkv(qkv, start, seq_offs(1, 3), cos, sin, q, kc, vc)
     assert torch.equal(vc[0, 0, 6:], qkv[0, :2, 3]) and q[0, 2].abs().sum() == 0
 
 
 # ---- attention -----------------------------------------------------------------------------------
 
-def attention_torch(q, kc, vc, start):
-    """Softmax attention written out (no SDPA): query t of row b sees keys 0 .. start[b] + t."""
+def attention_torch(q, kc, vc, start, parents=None):
+    """Softmax attention written out (no SDPA): query t of row b sees keys 0 .. start[b] + t; with
+    parents [B][T] (a tree; -1 at the root), of the new keys only its ancestors and itself."""
     b_, t_, nh, d = q.shape
     g = nh // kc.shape[1]
     out = torch.empty_like(q)
@@ -135,7 +145,14 @@ def attention_torch(q, kc, vc, start):
         n = int(start[b]) + t_
         k, v = kc[b, :, :n].repeat_interleave(g, 0).double(), vc[b, :, :n].repeat_interleave(g, 0).double()
         s = q[b].transpose(0, 1).double() @ k.transpose(1, 2) / d ** 0.5                     # [NH, T, n]
-        s = s.masked_fill(torch.arange(n)[None, :] > (int(start[b]) + torch.arange(t_))[:, None], float("-inf"))
+        hide = torch.arange(n)[None, :] > (int(start[b]) + torch.arange(t_))[:, None]
+        for t in range(t_ if parents is not None else 0):
+            u, seen = t, set()
+            while u >= 0:
+                seen.add(u)
+                u = parents[b][u]
+            hide[t, int(start[b]):] |= torch.tensor([u not in seen for u in range(t_)])
+        s = s.masked_fill(hide, float("-inf"))
         out[b] = (torch.softmax(s, -1) @ v).transpose(0, 1).float()
     return out
 
@@ -165,17 +182,43 @@ def test_attention(b, t, nh, kvh, d, s, starts, mode):
     for i in range(b):                                    # rows past the last position: never read
         kc[i, :, starts[i] + t:] = float("nan")
         vc[i, :, starts[i] + t:] = float("nan")
-    out = torch.empty(b, t, nh, d)
-    attention(q, kc, vc, start, out, config=ATT_CONFIGS[mode])
+    out, anc = torch.empty(b, t, nh, d), torch.zeros(b, 1, 1, dtype=torch.int32)
+    attention(q, kc, vc, start, anc, out, config=ATT_CONFIGS[mode])
     close(out, attention_torch(q, kc, vc, start), rtol=1e-5, atol=2e-6)
-    pk.check(attention, q, kc, vc, start, out, config=ATT_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs torch SDPA
+    pk.check(attention, q, kc, vc, start, anc, out, config=ATT_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs torch SDPA
+
+
+TREE_CASES = [  # B, T, NH, KVH, D, S, starts: tree verification (T = nodes + 1)
+    (1, 9, 9, 3, 64, 300, [120]),                # SmolLM2, 8 nodes
+    (2, 16, 9, 3, 64, 300, [60, 250]),           # 15 nodes, rows across a 64/128-key block edge
+    (1, 5, 14, 2, 64, 40, [0]),                  # the root at cache row 0
+    (3, 4, 6, 2, 40, 100, [3, 61, 90]),          # D = 40: masked tails
+]
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("b,t,nh,kvh,d,s,starts", TREE_CASES)
+def test_attention_tree(b, t, nh, kvh, d, s, starts, mode):
+    from llm.speculative import tree_inputs
+    g = torch.Generator().manual_seed(b * t)
+    parents = [[-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, t)] for _ in range(b)]
+    anc = torch.tensor([tree_inputs(p[1:], [0] * (t - 1))[1] for p in parents], dtype=torch.int32)
+    q, start = torch.randn(b, t, nh, d), torch.tensor(starts, dtype=torch.int32)
+    kc, vc = torch.randn(b, kvh, s, d) * 2, torch.randn(b, kvh, s, d)
+    for i in range(b):
+        kc[i, :, starts[i] + t:] = float("nan")
+        vc[i, :, starts[i] + t:] = float("nan")
+    out = torch.empty(b, t, nh, d)
+    attention(q, kc, vc, start, anc, out, config=ATT_CONFIGS[mode])
+    close(out, attention_torch(q, kc, vc, start, parents), rtol=1e-5, atol=2e-6)
+    pk.check(attention, q, kc, vc, start, anc, out, config=ATT_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs SDPA + mask
 
 
 def test_attention_large_scores_stay_finite():
     """Scores of +-1e4 (a peaked softmax): the running max keeps every exp argument <= 0."""
     q, kc, vc = torch.randn(1, 4, 2, 32) * 100, torch.randn(1, 1, 200, 32) * 100, torch.randn(1, 1, 200, 32)
     start, out = torch.tensor([190], dtype=torch.int32), torch.empty(1, 4, 2, 32)
-    attention(q, kc, vc, start, out)
+    attention(q, kc, vc, start, torch.zeros(1, 1, 1, dtype=torch.int32), out)
     assert torch.isfinite(out).all()
     close(out, attention_torch(q, kc, vc, start), rtol=1e-4, atol=1e-5)
 

@@ -1,6 +1,6 @@
 """Speculative decoding is lossless: its output equals plain greedy decoding token for token, for
 every rollback length (oracle drafts right for exactly j tokens), for random drafts, for a real
-model drafter and for the PARD drafter, at batch 1 and batch > 1."""
+model drafter and for the PARD drafter, at batch 1 and batch > 1, with chains and with trees."""
 import random
 
 import pytest
@@ -45,6 +45,22 @@ class OracleDrafter:
         self.n[i] += len(new)
 
 
+class OracleTreeDrafter(OracleDrafter):
+    """Four candidates per depth; the true token sits at rank (round + depth) % 4 (rank 3: left
+    out, a wrong tree), so accepted paths run through side branches."""
+
+    def propose_tree(self, i, k):
+        t = self.truth[i][self.n[i]:self.n[i] + k]
+        t = t + [0] * (k - len(t))
+        self.round = getattr(self, "round", 0) + 1
+        cands = []
+        for d, x in enumerate(t):
+            wrong = [(x + 1 + j) % self.vocab for j in range(4)]
+            r = (self.round + d) % 4
+            cands.append(wrong[:r] + [x] + wrong[r + 1:] if r < 3 else wrong)
+        return cands, [[0.5, 0.3, 0.15, 0.05]] * k
+
+
 @pytest.fixture(scope="module")
 def model():
     return LLMModel(dtype="float32")
@@ -83,6 +99,39 @@ def test_model_drafter_and_pard_drafter(model):
     assert [o.token_ids for o in model.generate(prompts, SamplingConfig(max_new_tokens=n))] == truth
     # the draft caches hold only committed tokens between requests
     assert all(not u for u in draft.cache.in_use)
+    model.set_drafter(None, 0)
+
+
+@pytest.mark.parametrize("ops", ["pacekern", "torch"])
+def test_tree_oracle_side_branches(model, ops):
+    """Tree verification: positions by depth, attention to ancestors only, the accepted side
+    branch's KV rows moved into place; batch 2 equals batch 1 equals plain greedy."""
+    from llm.ops import OpConfig
+    prompts, n = PROMPTS[4:6], 24
+    truth = greedy(model, prompts, n)
+    moves, move = [], model.cache.move
+    model.cache.move = lambda slot, src, dst: moves.append(src) or move(slot, src, dst)
+    model.model.set_opconfig(OpConfig().with_(rope_qkv=ops, attention=ops))
+    try:
+        for nodes in (3, 8):
+            model.set_drafter(OracleTreeDrafter(truth, None, model.spec.vocab), 4, tree_nodes=nodes)
+            outs = model.generate(prompts, SamplingConfig(max_new_tokens=n))
+            assert [o.token_ids for o in outs] == truth, f"tree_nodes={nodes}"
+            assert outs[0].metrics.mean_accepted_per_round > 1.0
+            model.set_drafter(OracleTreeDrafter(truth[1:], None, model.spec.vocab), 4, tree_nodes=nodes)
+            assert model.generate(prompts[1], SamplingConfig(max_new_tokens=n)).token_ids == truth[1]
+        assert moves, "no accepted path ran through a side branch"
+    finally:
+        model.cache.move = move
+        model.model.set_opconfig(OpConfig())
+        model.set_drafter(None, 0)
+
+
+def test_tree_needs_a_drafter_that_scores_candidates(model):
+    with pytest.raises(ValueError, match="propose_tree"):
+        model.set_drafter(ModelDrafter(model), 4, tree_nodes=4)
+    with pytest.raises(ValueError, match="tree_nodes=40"):
+        model.set_drafter(OracleTreeDrafter({}, None, model.spec.vocab), 4, tree_nodes=40)
     model.set_drafter(None, 0)
 
 
@@ -164,6 +213,20 @@ def test_shipped_draft_is_lossless_and_drafts_from_its_head(shipped):
         assert all(o.metrics.mean_accepted_per_round > 1.0 for o in outs)       # it does get drafts accepted
     finally:
         drafter.propose = propose
+
+
+def test_shipped_draft_tree_is_lossless(shipped):
+    from llm.speculative import build_tree
+    m, drafter = shipped
+    prompts = heldout(3)[1:]
+    truth = greedy(m, prompts, 48)
+    m.set_drafter(drafter, 4, tree_nodes=8)
+    outs = m.generate(prompts, SamplingConfig(max_new_tokens=48))
+    assert [o.token_ids for o in outs] == truth
+    assert all(o.metrics.mean_accepted_per_round > 1.0 for o in outs)
+    tokens, parents, depths = build_tree([[5, 6], [7, 8]], [[0.6, 0.2], [0.5, 0.4]], 3)
+    assert (tokens, parents, depths) == ([5, 7, 8], [0, 1, 1], [1, 2, 2])       # 0.6, 0.3, 0.24; not 6 (0.2)
+    m.set_drafter(drafter, 4)
 
 
 def test_int8_weights_pard_is_lossless():
