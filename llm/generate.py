@@ -85,16 +85,18 @@ class LLMModel:
         self.eos_ids = eos
         self.spec_config, self.drafter = pard_config, None
         self.tree_nodes = getattr(pard_config, "tree_nodes", 0)
+        self.lookup_tokens = getattr(pard_config, "lookup_tokens", 0)
         if pard_config is not None:
             self.drafter = self._load_drafter(pard_config, dtype, weights, opconfig)
 
-    def set_drafter(self, drafter, num_speculative_tokens: int, tree_nodes: int = 0) -> None:
+    def set_drafter(self, drafter, num_speculative_tokens: int, tree_nodes: int = 0, lookup_tokens: int = 0) -> None:
         """Use any drafter (prefill / propose / update / begin / release; see llm/speculative.py),
         e.g. an oracle in tests or a new drafting idea in experiments; None turns drafting off.
-        tree_nodes > 0 verifies trees (the drafter needs propose_tree, as PardDrafter has)."""
+        tree_nodes > 0 verifies trees (the drafter needs propose_tree, as PardDrafter has), with a
+        prompt-lookup branch of up to lookup_tokens tokens."""
         from .speculative import DraftModelSpecDecodeConfig, check_tree
-        check_tree(drafter, num_speculative_tokens, tree_nodes)
-        self.drafter, self.tree_nodes = drafter, tree_nodes
+        check_tree(drafter, num_speculative_tokens, tree_nodes, lookup_tokens)
+        self.drafter, self.tree_nodes, self.lookup_tokens = drafter, tree_nodes, lookup_tokens
         self.spec_config = None if drafter is None else DraftModelSpecDecodeConfig("<custom>", num_speculative_tokens)
 
     def _load_drafter(self, sc, dtype, weights, opconfig):
@@ -110,7 +112,7 @@ class LLMModel:
                              f"({len(self.tokenizer)}): not a draft for this model")
         if isinstance(sc, sd.PardSpecDecodeConfig):
             drafter = sd.PardDrafter(draft, sd.pard_token_of(draft.path, sc.pard_token))
-            sd.check_tree(drafter, sc.num_speculative_tokens, sc.tree_nodes)
+            sd.check_tree(drafter, sc.num_speculative_tokens, sc.tree_nodes, sc.lookup_tokens)
             return drafter
         return sd.ModelDrafter(draft)
 
@@ -201,14 +203,16 @@ class LLMModel:
                              "repetition/frequency penalties, or load the model without pard_config")
         k = self.spec_config.num_speculative_tokens if self.drafter is not None else 0
         t0 = time.perf_counter()
-        s0 = self.cache.alloc(b, max(len(r) for r in rows) + cfg.max_new_tokens + (self.tree_nodes or k) + 1)
+        verify_rows = (self.tree_nodes + self.lookup_tokens or k) + 1
+        s0 = self.cache.alloc(b, max(len(r) for r in rows) + cfg.max_new_tokens + verify_rows)
         try:
             if self.drafter is None:
                 yield from self._generate(rows, cfg, s0, t0, single)
             else:
                 from .speculative import generate as speculative_generate
                 states = [RowState(self, cfg, ids, i) for i, ids in enumerate(rows)]
-                yield from speculative_generate(self, self.drafter, k, states, s0, t0, single, self.tree_nodes)
+                yield from speculative_generate(self, self.drafter, k, states, s0, t0, single, self.tree_nodes,
+                                                self.lookup_tokens)
         finally:
             self.cache.free(s0, b)
 

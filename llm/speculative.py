@@ -16,7 +16,10 @@ The N most likely paths (product of the draft's probabilities; every prefix of a
 kept) form a tree whose nodes the target verifies in one forward of N + 1 rows: each node at its
 depth's position, attending to the cache and its ancestors only. The walk from the root follows
 the target's argmax as long as a child holds it, so the output is still the target's greedy one;
-the accepted path's KV rows are then moved into place (KVCache.move).
+the accepted path's KV rows are then moved into place (KVCache.move). With lookup_tokens=L the
+tree also gets a branch from the sequence itself (prompt lookup): the up to L tokens that followed
+the latest earlier occurrence of its last 3 (else 2) tokens; answers that quote their prompt are
+where PARD's draft is weakest.
 
 State between rounds, per row (research/pard.md §1.3): the target cache holds every committed token
 but the last (the bonus token, which is the next target input); a drafter keeps its own "pending"
@@ -42,6 +45,7 @@ class PardSpecDecodeConfig:
     num_speculative_tokens: int = 12         # K
     weights: str | None = None               # the draft's weights, "native" | "int8" | "int4"; None: as the target's
     tree_nodes: int = 0                      # 0: verify a chain of K drafts; N: a tree of the N likeliest (depth <= K)
+    lookup_tokens: int = 0                   # trees: add a prompt-lookup branch of up to this many tokens
 
 
 TREE_TOPK = 4                                # candidates per depth a tree may branch into
@@ -63,9 +67,11 @@ def pard_token_of(path: Path, given: int | None) -> int:
     return int(tok)
 
 
-def check_tree(drafter, k: int, tree_nodes: int) -> None:
+def check_tree(drafter, k: int, tree_nodes: int, lookup_tokens: int = 0) -> None:
     if not 0 <= tree_nodes <= 31:
         raise ValueError(f"tree_nodes={tree_nodes}: choose 0 (a chain of K drafts) .. 31")
+    if not 0 <= lookup_tokens <= 16 or (lookup_tokens and not tree_nodes):
+        raise ValueError(f"lookup_tokens={lookup_tokens}: choose 0 .. 16, and a tree (tree_nodes > 0) to graft it on")
     if tree_nodes and not hasattr(drafter, "propose_tree"):
         raise ValueError(f"tree_nodes={tree_nodes} needs a drafter that scores several candidates per depth "
                          f"(PARD, propose_tree); {type(drafter).__name__} proposes a single chain")
@@ -145,6 +151,46 @@ def build_tree(cands: list, probs: list, n: int) -> tuple:
     return tokens, parents, depths
 
 
+class PromptLookup:
+    """Prompt lookup over one sequence (its prompt and output so far): propose(k) returns the up to
+    k tokens that followed the latest earlier occurrence of the last 3 (else 2) tokens."""
+
+    def __init__(self, ids: list):
+        self.ids, self.after = [], {}
+        self.extend(ids)
+
+    def extend(self, ids: list) -> None:
+        for t in ids:
+            self.ids.append(t)
+            end = len(self.ids) - 1                               # the n-grams ending before the new token
+            for n in (2, 3):
+                if end >= n:
+                    self.after[tuple(self.ids[end - n:end])] = end
+
+    def propose(self, k: int) -> list:
+        for n in (3, 2):
+            j = self.after.get(tuple(self.ids[-n:]))
+            if j is not None:
+                return self.ids[j:j + k]
+        return []
+
+
+def graft(tree: tuple, path: list) -> tuple:
+    """The tree (tokens, parents, depths) with `path` (tokens from the root) added as a branch: it
+    follows existing nodes as far as they match, then new nodes hang below."""
+    tokens, parents, depths = (list(x) for x in tree)
+    cur = 0
+    for tok in path:
+        nxt = next((j + 1 for j in range(len(tokens)) if parents[j] == cur and tokens[j] == tok), None)
+        if nxt is None:
+            tokens.append(tok)
+            parents.append(cur)
+            depths.append(depths[cur - 1] + 1 if cur else 1)
+            nxt = len(tokens)
+        cur = nxt
+    return tokens, parents, depths
+
+
 def tree_inputs(parents: list, depths: list) -> tuple:
     """offs [T] (depths, root 0) and anc [T, T] (1 where column u is row t's ancestor or itself)."""
     t = len(parents) + 1
@@ -177,12 +223,14 @@ class ModelDrafter:
         self.pending[i] = list(new[kept:])
 
 
-def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tree_nodes: int = 0):
+def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tree_nodes: int = 0,
+             lookup_tokens: int = 0):
     """The speculative loop over RowStates (llm/generate.py); yields the same events as plain decode.
-    tree_nodes > 0 verifies a tree of that many drafts (drafter.propose_tree) instead of a chain."""
+    tree_nodes > 0 verifies a tree of that many drafts (drafter.propose_tree) instead of a chain,
+    plus a prompt-lookup branch of up to lookup_tokens tokens."""
     from .generate import emit
     b, cache = len(states), llm.cache
-    t = (tree_nodes or k) + 1                                      # verification rows per sequence
+    t = (tree_nodes or k) + 1                                      # verification rows per sequence (at least)
     drafter.begin(b, max(len(r.prompt) for r in states) + states[0].cfg.max_new_tokens, k)
     try:
         for i, r in enumerate(states):                         # plain prefill of the target, then of the drafter
@@ -194,15 +242,23 @@ def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tre
             r.ttft_s = r.first - t0
             if r.finish is None:
                 drafter.prefill(i, r.prompt, r.out[-1])
+        lookups = [PromptLookup(r.prompt + r.out) for r in states] if lookup_tokens else None
         yield from emit(states)
         chain = (list(range(t - 1)), list(range(1, t)))            # parents, depths of a chain of t - 1 drafts
         while any(r.finish is None for r in states):
             active = [i for i, r in enumerate(states) if r.finish is None]
             if tree_nodes:
                 trees = {i: build_tree(*drafter.propose_tree(i, k), tree_nodes) for i in active}
+                if lookups:
+                    trees = {i: graft(tr, lookups[i].propose(lookup_tokens)) for i, tr in trees.items()}
+                t = max(len(tr[0]) for tr in trees.values()) + 1
+                for tr in trees.values():                          # equal row counts: pad with root children
+                    tr[0].extend([0] * (t - 1 - len(tr[0])))
+                    tr[1].extend([0] * (t - 1 - len(tr[1])))
+                    tr[2].extend([1] * (t - 1 - len(tr[2])))
             else:
                 trees = {i: (drafter.propose(i, k), *chain) for i in active}
-            rows = [trees.get(i, ([0] * (t - 1), *chain)) for i in range(b)]
+            rows = [trees.get(i, ([0] * (t - 1), list(range(t - 1)), list(range(1, t)))) for i in range(b)]
             x = torch.tensor([[r.out[-1]] + rows[i][0] for i, r in enumerate(states)])
             lengths = [cache.lengths[s0 + i] for i in range(b)]
             if tree_nodes:
@@ -232,6 +288,8 @@ def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tre
                 a = len(path)
                 new = [tokens[j - 1] for j in path] + [g]
                 taken = [tok for tok in new if r.accept(tok)]      # stops inside the block at EOS / max_new_tokens
+                if lookups:
+                    lookups[i].extend(taken)
                 if path != list(range(1, a + 1)):                  # a side branch: its KV rows move into place
                     cache.move(s0 + i, [lengths[i] + j for j in path], lengths[i] + 1)
                 cache.truncate(s0 + i, lengths[i] + 1 + a)         # keep the input bonus + accepted drafts

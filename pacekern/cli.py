@@ -136,10 +136,12 @@ def cmd_generate(args):
             args.pard = DEFAULT_PARD_DRAFT.get(args.model or DEFAULT_MODEL)
             if args.pard is None:
                 sys.exit(f"pacekern generate: no shipped PARD draft for {args.model}; pass one: --pard DRAFT")
-        if args.tree_nodes and not args.pard:
-            sys.exit("pacekern generate: --tree-nodes needs a PARD draft (--pard)")
+        if (args.tree_nodes or args.lookup_tokens) and not args.pard:
+            sys.exit("pacekern generate: --tree-nodes / --lookup-tokens need a PARD draft (--pard)")
+        nodes = 6 if args.tree_nodes is None else args.tree_nodes
+        lookup = (8 if nodes else 0) if args.lookup_tokens is None else args.lookup_tokens
         spec = (PardSpecDecodeConfig(args.pard, num_speculative_tokens=args.k or 4, weights=args.draft_weights,
-                                     tree_nodes=args.tree_nodes)
+                                     tree_nodes=nodes, lookup_tokens=lookup)
                 if args.pard else DraftModelSpecDecodeConfig(args.draft, num_speculative_tokens=args.k or 4,
                                                              weights=args.draft_weights))
     try:
@@ -177,11 +179,14 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--pard", metavar="DRAFT", nargs="?", const="default", default=None,
                    help="speculative decoding with a PARD draft (greedy); alone: the draft shipped for --model")
     p.add_argument("--draft", metavar="MODEL", default=None, help="speculative decoding with a plain draft model (greedy)")
-    # PARD's K: the API default is PACE's 12; on the CLI the K measured fastest with the shipped
-    # draft on 2 cores (experiments/pard_speed.py, bf16, 2026-12-01: K=4 1.39x plain decode, K=8 1.27x)
-    p.add_argument("--k", type=int, default=None, help="draft tokens per round (PARD: 4, draft model: 4)")
-    p.add_argument("--tree-nodes", type=int, default=0,
-                   help="PARD: verify a tree of this many drafts (the likeliest paths, depth <= K) instead of a chain")
+    # PARD: the API's defaults are PACE's (a chain of K=12); on the CLI the setting measured fastest
+    # with the shipped draft on 2 cores (experiments/pard_speed.py, bf16, 16 held-out prompts,
+    # 2026-12-01: K=4 tree 6 + lookup 8 2.03x plain decode, K=3 tree 4 + 8 1.95x, chain K=4 1.52x)
+    p.add_argument("--k", type=int, default=None, help="draft depth per round (PARD: 4, draft model: 4)")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="PARD: verify a tree of this many drafts (the likeliest paths, depth <= K); 0: a chain (default 6)")
+    p.add_argument("--lookup-tokens", type=int, default=None,
+                   help="PARD trees: add a prompt-lookup branch of up to this many tokens (default 8; 0: off)")
     p.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="the draft's weights (default: as --weights)")
 
 

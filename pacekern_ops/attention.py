@@ -11,17 +11,20 @@ row) and verification (T = K + 1 at start > 0) are one code path.
 
 Work items are (b, kv head, block of QB query tokens); an item's query rows are its tokens x the
 G = NH / KVH query heads that share the kv head, so each K/V row is read once per group (at
-decode an item is one (b, kv head): G rows). Keys stream in blocks of KB, flash-attention style,
-with per-thread buffers (pk.scratch) for the scaled queries, the block's scores and the output
-accumulators:
+decode an item is one (b, kv head): G rows). Per-thread buffers (pk.scratch) hold the scaled
+queries, every score of the item's rows and the output accumulators; keys stream in blocks of KB:
   1. scores: MR rows x NK keys register tiles, FMAs along D, one horizontal sum per score (the
      cache layout [S, D] puts D, not keys, in the lanes)
-  2. online softmax per row, vectorized over the block: running max m and sum l in fp32; when m
-     grows the accumulator is rescaled by exp(m_old - m_new)
-  3. accumulator += P @ V_block: MR rows x 16 NV columns register tiles, V rows shared by the rows
-Causality: row (t, g) sees start[b] + t + 1 keys; scores past that are -inf before exp (so 0
-after it) and the tiles never read cache rows past the last row's position (they may be
-uninitialized memory). The result is acc / l. Differences from torch's fp32 SDPA are summation
+  2. softmax per row over all its keys at once: the exact maximum m, then exp(score - m) in place
+  3. accumulator += P @ V_block: MR rows x 16 NV columns register tiles, V rows shared by the rows,
+     and the row sum l += p, both in key order
+The result is acc / l. A row's bits depend only on the sequence of keys it sees, never on where
+they sit in the cache or which rows share the call: unseen keys contribute exact zeros, the max
+is exact and the sums run in key order (no online rescaling at block edges, no lane-wise partial
+sums). So a row verified at any place in a tree gets the bits plain decode gives it, and a greedy
+tree walk is exactly lossless. Causality: row (t, g) sees start[b] + t + 1 keys; scores past that
+are -inf before exp (so 0 after it) and the tiles never read cache rows past the last row's
+position (they may be uninitialized memory). Differences from torch's fp32 SDPA are summation
 order and pacekern's exp (~2e-7 relative).
 
 Threads: items run in parallel when the work (query-key pairs x D) reaches PAR; causal items
@@ -79,7 +82,7 @@ def _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, n):
 
 @pk.func
 def _scores(qs, kc, sc, b, kvh, s0, rows, p0, G):
-    """sc[r, j] = qs[r] . kc[s0 + j] for every key j the tile of rows holding r may see"""
+    """sc[r, s0 + j] = qs[r] . kc[s0 + j] for every key j of the block the tile of rows holding r may see"""
     for r0 in range(0, rows, MR):
         nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)       # keys the tile's last row sees
         for j0 in range(0, nhi, NK):
@@ -92,57 +95,47 @@ def _scores(qs, kc, sc, b, kvh, s0, rows, p0, G):
                 if r0 + i < rows:
                     for k in pk.unroll(NK):
                         if j0 + k < nhi:
-                            sc[r0 + i, j0 + k] = pk.hsum(a[i, k])
+                            sc[r0 + i, s0 + j0 + k] = pk.hsum(a[i, k])
 
 
 @pk.func
-def _softmax(sc, acc, ml, r, nr, nkb):
-    """Row r sees nr keys of this block (maybe none), the item's last row nkb >= nr: scores ->
-    exp(score - m) in place, zeros up to nkb; m, l and the accumulator updated."""
-    n16 = 0
-    if nr > 0:
-        n16 = (nr + 15) // 16 * 16
-        for j in range(nr, n16):
-            sc[r, j] = -float("inf")
-        mv = pk.f32x16.bcast(-float("inf"))
-        for j in range(0, n16, 16):
-            mv = pk.max(mv, pk.f32x16.load(sc[r, j]))
-        m_old = ml[0, r]
-        m_new = max(m_old, pk.hmax(mv))
-        sv = pk.f32x16.zeros()
-        for j in range(0, n16, 16):
-            e = pk.exp(pk.f32x16.load(sc[r, j]) - m_new)
-            pk.store(sc[r, j], e)
-            sv = sv + e
-        if m_new > m_old:                    # rescale what was accumulated against the old max (first block: 0 * 0)
-            alpha = pk.exp(pk.f32x16.bcast(m_old - m_new))
-            for d in range(0, D, 16):
-                pk.store(acc[r, d], pk.f32x16.load(acc[r, d], n=D - d) * alpha, n=D - d)
-            ml[1, r] = ml[1, r] * pk.hmax(alpha)
-        ml[0, r] = m_new
-        ml[1, r] = ml[1, r] + pk.hsum(sv)
-    for j in range(n16, nkb):
+def _softmax(sc, r, n, nk):
+    """Row r sees keys 0 .. n-1 (n >= 1; tree-hidden ones hold -inf): scores -> exp(score - max)
+    in place, zeros from n up to nk (the item's last row's count)."""
+    n16 = (n + 15) // 16 * 16
+    for j in range(n, n16):
+        sc[r, j] = -float("inf")
+    mv = pk.f32x16.bcast(-float("inf"))
+    for j in range(0, n16, 16):
+        mv = pk.max(mv, pk.f32x16.load(sc[r, j]))
+    m = pk.f32x16.bcast(pk.hmax(mv))
+    for j in range(0, n16, 16):
+        pk.store(sc[r, j], pk.exp(pk.f32x16.load(sc[r, j]) - m))
+    for j in range(n16, nk):
         sc[r, j] = 0.0
 
 
 @pk.func
-def _tree_mask(anc, sc, b, t, r, j0, nr):
-    """Row r (token t) keeps the scores of this call's keys j >= j0 (cache row start + j - j0) that
-    are its ancestors; the others get -inf. Every row sees cache row 0 (an old row or the root),
-    so a block's running max never stays -inf."""
-    for j in range(max(j0, 0), nr):
+def _tree_mask(anc, sc, b, t, r, j0, n):
+    """Row r (token t) keeps the scores of this call's keys j0 .. n-1 (rows u = j - j0) that are its
+    ancestors; the others get -inf. Every row sees key 0 (an old row or the root), so its max is
+    finite."""
+    for j in range(j0, n):
         if anc[b, t, j - j0] == 0:
             sc[r, j] = -float("inf")
 
 
 @pk.func
-def _pv(vc, sc, acc, b, kvh, s0, rows, p0, G):
-    """acc[r] += sum_j sc[r, j] * vc[b, kvh, s0 + j] over the keys the tile of rows may see"""
+def _pv(vc, sc, acc, ls, b, kvh, s0, rows, p0, G):
+    """acc[r] += sum_j sc[r, s0 + j] * vc[b, kvh, s0 + j] and ls[r] += sum_j sc[r, s0 + j] over the
+    keys of the block the tile of rows may see, in key order"""
     for r0 in range(0, rows, MR):
         nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
         for d0 in range(0, D, 16 * NV):
             o = pk.tile(pk.f32x16, MR, NV)
+            lv = pk.tile(pk.f32x16, MR)
             for i in pk.unroll(MR):
+                lv[i] = pk.f32x16.load(ls[min(r0 + i, rows - 1), 0])
                 for v in pk.unroll(NV):
                     o[i, v] = pk.f32x16.load(acc[min(r0 + i, rows - 1), min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
             for j in range(nhi):
@@ -150,11 +143,14 @@ def _pv(vc, sc, acc, b, kvh, s0, rows, p0, G):
                 for v in pk.unroll(NV):
                     vv[v] = pk.f32x16.load(vc[b, kvh, s0 + j, min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
                 for i in pk.unroll(MR):
-                    p = pk.f32x16.bcast(sc[min(r0 + i, rows - 1), j])
+                    p = pk.f32x16.bcast(sc[min(r0 + i, rows - 1), s0 + j])
+                    lv[i] = lv[i] + p
                     for v in pk.unroll(NV):
                         o[i, v] = pk.fma(p, vv[v], o[i, v])
             for i in pk.unroll(MR):
                 if r0 + i < rows:
+                    if d0 == 0:                       # the row sum once, whatever the D chunks
+                        pk.store(ls[r0 + i, 0], lv[i])
                     for v in pk.unroll(NV):
                         pk.store(acc[r0 + i, min(d0 + 16 * v, D - 1)], o[i, v], n=D - d0 - 16 * v)
 
@@ -173,27 +169,28 @@ def _attend(q, kc, vc, start, anc, out, it, nqb):
     rows = min(QB, T - t0) * G               # row r: token t0 + r // G, head kvh * G + r % G
     p0 = start[b] + t0                       # position of row r: p0 + r // G
     plast = p0 + (rows - 1) // G
+    nk = plast + 1                           # keys the item's last row sees
     qs = pk.scratch(pk.f32, rows, D)         # queries * 1/sqrt(D)
     acc = pk.scratch(pk.f32, rows, D)        # unnormalized outputs
-    sc = pk.scratch(pk.f32, rows, KB)        # one key block's scores, then probabilities
-    ml = pk.scratch(pk.f32, 2, rows)         # running max and sum per row
+    sc = pk.scratch(pk.f32, rows, (nk + 15) // 16 * 16)   # scores, then probabilities
+    ls = pk.scratch(pk.f32, rows, 16)        # row sums (every lane the same)
     scale = 1.0 / pk.sqrt(pk.f32x16.bcast(D))
     for r in range(rows):
         for d in range(0, D, 16):
             pk.store(qs[r, d], pk.f32x16.load(q[b, t0 + r // G, kvh * G + r % G, d], n=D - d) * scale, n=D - d)
             pk.store(acc[r, d], pk.f32x16.zeros(), n=D - d)
-        ml[0, r] = -float("inf")
-        ml[1, r] = 0.0
-    for s0 in range(0, plast + 1, KB):
+        pk.store(ls[r, 0], pk.f32x16.zeros())
+    for s0 in range(0, nk, KB):
         _scores(qs, kc, sc, b, kvh, s0, rows, p0, G)
-        for r in range(rows):
-            nr = min(KB, p0 + r // G + 1 - s0)
-            if TA > 1:
-                _tree_mask(anc, sc, b, t0 + r // G, r, start[b] - s0, nr)
-            _softmax(sc, acc, ml, r, nr, min(KB, plast + 1 - s0))
-        _pv(vc, sc, acc, b, kvh, s0, rows, p0, G)
     for r in range(rows):
-        inv = 1.0 / ml[1, r]
+        n = p0 + r // G + 1
+        if TA > 1:
+            _tree_mask(anc, sc, b, t0 + r // G, r, start[b], n)
+        _softmax(sc, r, n, nk)
+    for s0 in range(0, nk, KB):
+        _pv(vc, sc, acc, ls, b, kvh, s0, rows, p0, G)
+    for r in range(rows):
+        inv = 1.0 / pk.hmax(pk.f32x16.load(ls[r, 0]))
         for d in range(0, D, 16):
             pk.store(out[b, t0 + r // G, kvh * G + r % G, d], pk.f32x16.load(acc[r, d], n=D - d) * inv, n=D - d)
 

@@ -214,6 +214,34 @@ def test_attention_tree(b, t, nh, kvh, d, s, starts, mode):
     pk.check(attention, q, kc, vc, start, anc, out, config=ATT_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs SDPA + mask
 
 
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("start", [120, 61, 5])
+def test_attention_tree_rows_are_decode_rows(start, mode):
+    """A row's bits depend only on the keys it sees, not on their cache rows or on the rows beside
+    it: a tree path's nodes (scattered, across key-block edges) give exactly what the same tokens
+    give as a chain in one call and one at a time (decode), so a greedy tree walk is lossless."""
+    from llm.speculative import tree_inputs
+    nh, kvh, d, t = 9, 3, 64, 12
+    parents = [-1, 0, 0, 1, 2, 2, 3, 5, 6, 7, 4, 9]                  # path 0 -> 2 -> 5 -> 7 -> 9 -> 11
+    path = [0, 2, 5, 7, 9, 11]
+    anc = torch.tensor([tree_inputs(parents[1:], [0] * (t - 1))[1]], dtype=torch.int32)
+    q, kc, vc = torch.randn(1, t, nh, d), torch.randn(1, kvh, 200, d), torch.randn(1, kvh, 200, d)
+    out = torch.empty(1, t, nh, d)
+    attention(q, kc, vc, torch.tensor([start], dtype=torch.int32), anc, out, config=ATT_CONFIGS[mode])
+    rows = start + torch.tensor(path)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[:, :, start:start + len(path)], vc2[:, :, start:start + len(path)] = kc[:, :, rows], vc[:, :, rows]
+    causal = torch.zeros(1, 1, 1, dtype=torch.int32)
+    chain = torch.empty(1, len(path), nh, d)
+    attention(q[:, path], kc2, vc2, torch.tensor([start], dtype=torch.int32), causal, chain, config=ATT_CONFIGS[mode])
+    assert torch.equal(out[:, path], chain)
+    for i in range(len(path)):
+        one = torch.empty(1, 1, nh, d)
+        attention(q[:, path[i]:path[i] + 1], kc2, vc2, torch.tensor([start + i], dtype=torch.int32), causal, one,
+                  config=ATT_CONFIGS[mode])
+        assert torch.equal(one[0, 0], chain[0, i]), f"decode of path token {i}"
+
+
 def test_attention_large_scores_stay_finite():
     """Scores of +-1e4 (a peaked softmax): the running max keeps every exp argument <= 0."""
     q, kc, vc = torch.randn(1, 4, 2, 32) * 100, torch.randn(1, 1, 200, 32) * 100, torch.randn(1, 1, 200, 32)

@@ -127,11 +127,25 @@ def test_tree_oracle_side_branches(model, ops):
         model.set_drafter(None, 0)
 
 
+def test_prompt_lookup_and_graft():
+    from llm.speculative import PromptLookup, graft
+    lk = PromptLookup([5, 6, 7, 8, 9, 5, 6, 7])
+    assert lk.propose(3) == [8, 9, 5]                     # after the earlier "5 6 7"
+    lk.extend([1, 6, 7])
+    assert lk.propose(2) == [1, 6]                        # no earlier "1 6 7": the latest earlier "6 7"
+    assert PromptLookup([1, 2, 3]).propose(4) == []
+    tree = ([5, 6, 7], [0, 0, 1], [1, 1, 2])              # 5 -> 7 and 6 under the root
+    assert graft(tree, [5, 7, 9]) == ([5, 6, 7, 9], [0, 0, 1, 3], [1, 1, 2, 3])   # follows 5 -> 7, adds 9
+    assert graft(tree, [8]) == ([5, 6, 7, 8], [0, 0, 1, 0], [1, 1, 2, 1])
+
+
 def test_tree_needs_a_drafter_that_scores_candidates(model):
     with pytest.raises(ValueError, match="propose_tree"):
         model.set_drafter(ModelDrafter(model), 4, tree_nodes=4)
     with pytest.raises(ValueError, match="tree_nodes=40"):
         model.set_drafter(OracleTreeDrafter({}, None, model.spec.vocab), 4, tree_nodes=40)
+    with pytest.raises(ValueError, match="lookup_tokens=4"):
+        model.set_drafter(OracleTreeDrafter({}, None, model.spec.vocab), 4, lookup_tokens=4)
     model.set_drafter(None, 0)
 
 
@@ -216,14 +230,16 @@ def test_shipped_draft_is_lossless_and_drafts_from_its_head(shipped):
 
 
 def test_shipped_draft_tree_is_lossless(shipped):
+    """Trees, with and without a prompt-lookup branch, at batch 2 (rows of different tree sizes)."""
     from llm.speculative import build_tree
     m, drafter = shipped
     prompts = heldout(3)[1:]
     truth = greedy(m, prompts, 48)
-    m.set_drafter(drafter, 4, tree_nodes=8)
-    outs = m.generate(prompts, SamplingConfig(max_new_tokens=48))
-    assert [o.token_ids for o in outs] == truth
-    assert all(o.metrics.mean_accepted_per_round > 1.0 for o in outs)
+    for nodes, lookup in ((8, 0), (4, 8)):
+        m.set_drafter(drafter, 4, tree_nodes=nodes, lookup_tokens=lookup)
+        outs = m.generate(prompts, SamplingConfig(max_new_tokens=48))
+        assert [o.token_ids for o in outs] == truth, (nodes, lookup)
+        assert all(o.metrics.mean_accepted_per_round > 1.0 for o in outs)
     tokens, parents, depths = build_tree([[5, 6], [7, 8]], [[0.6, 0.2], [0.5, 0.4]], 3)
     assert (tokens, parents, depths) == ([5, 7, 8], [0, 1, 1], [1, 2, 2])       # 0.6, 0.3, 0.24; not 6 (0.2)
     m.set_drafter(drafter, 4)
