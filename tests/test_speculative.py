@@ -278,3 +278,7 @@ def test_shipped_draft_acceptance_on_unseen_prompts(shipped):
     per_round = sum(o.metrics.mean_accepted_per_round * o.metrics.rounds for o in outs) / rounds
     print(f"shipped PARD draft, K=4, 16 held-out prompts: {per_round:.2f} tokens per round")
     assert per_round >= 2.0
+    m.set_drafter(drafter, 4, tree_nodes=6, lookup_tokens=8)      # the CLI's default: lossless too
+    outs = [m.generate(p, SamplingConfig(max_new_tokens=128)) for p in prompts]
+    assert [o.token_ids for o in outs] == truth
+    m.set_drafter(drafter, 4)
