@@ -18,8 +18,8 @@ depth's position, attending to the cache and its ancestors only. The walk from t
 the target's argmax as long as a child holds it, so the output is still the target's greedy one;
 the accepted path's KV rows are then moved into place (KVCache.move). With lookup_tokens=L the
 tree also gets a branch from the sequence itself (prompt lookup): the up to L tokens that followed
-the latest earlier occurrence of its last 3 (else 2) tokens; answers that quote their prompt are
-where PARD's draft is weakest.
+the latest earlier occurrence of its last 3 (else 2) tokens: it pays where an answer quotes its
+prompt or repeats itself, which a small draft predicts poorly.
 
 State between rounds, per row (research/pard.md §1.3): the target cache holds every committed token
 but the last (the bonus token, which is the next target input); a drafter keeps its own "pending"
@@ -103,26 +103,25 @@ class PardDrafter:
         self.llm.model.forward(torch.tensor([prompt]), self.s0 + i)
         self.pending[i] = [first]
 
-    def propose(self, i: int, k: int) -> list:
+    def _forward(self, i: int, k: int):
+        """The draft forward over the pending tokens + K-1 masks (its last K rows predict depths
+        1 .. K); the mask rows are then dropped from the cache: they described masks."""
         c, slot = self.llm.cache, self.s0 + i
-        n0 = c.lengths[slot]
-        pend = self.pending[i]
+        n0, pend = c.lengths[slot], self.pending[i]
         p = self.llm.model.forward(torch.tensor([pend + [self.mask] * (k - 1)]), slot, all_logits=True)
-        drafts = p.next[-k:].tolist()
-        c.truncate(slot, n0 + len(pend))                  # drop the K-1 mask rows: they described masks
-        return drafts
+        c.truncate(slot, n0 + len(pend))
+        return p
+
+    def propose(self, i: int, k: int) -> list:
+        return self._forward(i, k).next[-k:].tolist()
 
     def propose_tree(self, i: int, k: int, topk: int = TREE_TOPK) -> tuple:
         """The draft's top candidates at each of k depths: (token ids [k][<=topk], probabilities),
         from the same single forward as propose; the mask token is never a candidate."""
-        c, slot = self.llm.cache, self.s0 + i
-        n0 = c.lengths[slot]
-        pend = self.pending[i]
-        p = self.llm.model.forward(torch.tensor([pend + [self.mask] * (k - 1)]), slot, all_logits=True)
+        p = self._forward(i, k)
         prob, row = torch.softmax(p.logits[-k:], -1).topk(min(topk + 1, p.logits.shape[1]), -1)
         head_ids = self.llm.weights.head_ids
         ids = (row if head_ids is None else head_ids[row]).tolist()
-        c.truncate(slot, n0 + len(pend))
         prob = prob.tolist()
         keep = [[j for j, t in enumerate(d) if t != self.mask][:topk] for d in ids]
         return [[d[j] for j in kj] for d, kj in zip(ids, keep)], [[q[j] for j in kj] for q, kj in zip(prob, keep)]

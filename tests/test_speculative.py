@@ -246,15 +246,15 @@ def test_shipped_draft_tree_is_lossless(shipped):
 
 
 def test_int8_weights_pard_is_lossless():
-    """int8 weights: verification runs K + 1 rows through gemm_s8x16 where decode ran one, and the
-    draft runs 1 .. 2K rows: every row's logits must be the same bits as at one row (strict_fp), or
-    a near tie would flip a token."""
+    """int8 weights: verification runs K + 1 rows (or a tree's) through gemm_s8x16 where decode ran
+    one, and the draft runs 1 .. 2K rows: every row's logits must be the same bits as at one row
+    (strict_fp), or a near tie would flip a token."""
     m = LLMModel(dtype="float32", weights="int8", pard_config=PardSpecDecodeConfig(SHIPPED, num_speculative_tokens=4))
     prompts = heldout(2) + PROMPTS[:2]
     truth = greedy(m, prompts, 48)
-    for k in (2, 4):
-        m.set_drafter(m.drafter, k)
-        assert [m.generate(p, SamplingConfig(max_new_tokens=48)).token_ids for p in prompts] == truth, f"K={k}"
+    for k, nodes, lookup in ((2, 0, 0), (4, 0, 0), (4, 6, 8)):
+        m.set_drafter(m.drafter, k, nodes, lookup)
+        assert [m.generate(p, SamplingConfig(max_new_tokens=48)).token_ids for p in prompts] == truth, (k, nodes, lookup)
 
 
 def test_reduced_head_draft_cannot_generate_on_its_own(shipped):
