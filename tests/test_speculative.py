@@ -250,11 +250,14 @@ def test_int8_weights_pard_is_lossless():
     one, and the draft runs 1 .. 2K rows: every row's logits must be the same bits as at one row
     (strict_fp), or a near tie would flip a token."""
     m = LLMModel(dtype="float32", weights="int8", pard_config=PardSpecDecodeConfig(SHIPPED, num_speculative_tokens=4))
+    drafter = m.drafter                                       # greedy() turns drafting off
     prompts = heldout(2) + PROMPTS[:2]
     truth = greedy(m, prompts, 48)
     for k, nodes, lookup in ((2, 0, 0), (4, 0, 0), (4, 6, 8)):
-        m.set_drafter(m.drafter, k, nodes, lookup)
-        assert [m.generate(p, SamplingConfig(max_new_tokens=48)).token_ids for p in prompts] == truth, (k, nodes, lookup)
+        m.set_drafter(drafter, k, nodes, lookup)
+        outs = [m.generate(p, SamplingConfig(max_new_tokens=48)) for p in prompts]
+        assert [o.token_ids for o in outs] == truth, (k, nodes, lookup)
+        assert all(o.metrics.rounds for o in outs)            # it did draft
 
 
 def test_reduced_head_draft_cannot_generate_on_its_own(shipped):
