@@ -4,8 +4,9 @@ of one tensor [2 (k, v), layers, slots, KVH, S, D] so that one copy can move row
 A sequence owns one slot and a length; the rows of a batch are consecutive slots, so the attention
 kernels see one contiguous [B, KVH, S, D] view per layer with no copy. `truncate` rolls a sequence
 back (speculative decoding drops rejected draft rows this way: the rows past the length are simply
-overwritten later); `move` compacts the rows of an accepted tree path. The pool grows on demand in whole blocks of tokens and never past
-`budget_bytes`; asking for more gets a clear error instead of swapping the machine to death.
+overwritten later); `move` compacts the rows of an accepted tree path. The pool grows on demand in
+whole blocks of tokens and never past `budget_bytes`; asking for more gets a clear error instead
+of swapping the machine to death.
 """
 from __future__ import annotations
 

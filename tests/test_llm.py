@@ -91,6 +91,24 @@ def test_logits_match_hf_fp32(smol_f32, smol_hf_f32):
     torch.testing.assert_close(dec[0], ref[-1], rtol=0, atol=2e-3)
 
 
+def test_kv_cache_move_and_growth(smol_f32):
+    """move copies rows in every layer (k and v) of one slot; growing the pool keeps the contents."""
+    from llm.kv_cache import KVCache, KVCacheConfig
+    c = KVCache(smol_f32.spec, KVCacheConfig(block=16))
+    s = c.alloc(2, 16)
+    c.kv.normal_()
+    before = c.kv.clone()
+    c.move(s + 1, [3, 7, 9], 1)
+    assert torch.equal(c.k[5][s + 1, :, 1:4], before[0, 5, s + 1, :, [3, 7, 9]])
+    assert torch.equal(c.v[0][s + 1, :, 1:4], before[1, 0, s + 1, :, [3, 7, 9]])
+    assert torch.equal(c.kv[:, :, s], before[:, :, s])                       # the other slot untouched
+    kept = c.kv.clone()
+    c.reserve(3, 40)                                                       # more slots, more tokens
+    assert torch.equal(c.kv[:, :, :2, :, :16], kept) and c.k[0].data_ptr() == c.kv[0, 0].data_ptr()
+    with pytest.raises(ValueError, match="cannot move"):
+        c.move(s, [60], 0)
+
+
 @pytest.mark.parametrize("op", ["linear", "add_rmsnorm", "rope_qkv", "attention", "silu_mul", "argmax"])
 def test_each_op_swappable(smol_f32, op):
     """Swapping one op to its torch implementation leaves the greedy output unchanged."""
