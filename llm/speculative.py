@@ -190,6 +190,11 @@ def graft(tree: tuple, path: list) -> tuple:
     return tokens, parents, depths
 
 
+def chain_tree(tokens: list) -> tuple:
+    """A chain of drafts as a tree (tokens, parents, depths): node j hangs below node j - 1."""
+    return list(tokens), list(range(len(tokens))), list(range(1, len(tokens) + 1))
+
+
 def tree_inputs(parents: list, depths: list) -> tuple:
     """offs [T] (depths, root 0) and anc [T, T] (1 where column u is row t's ancestor or itself)."""
     t = len(parents) + 1
@@ -243,7 +248,6 @@ def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tre
                 drafter.prefill(i, r.prompt, r.out[-1])
         lookups = [PromptLookup(r.prompt + r.out) for r in states] if lookup_tokens else None
         yield from emit(states)
-        chain = (list(range(t - 1)), list(range(1, t)))            # parents, depths of a chain of t - 1 drafts
         while any(r.finish is None for r in states):
             active = [i for i, r in enumerate(states) if r.finish is None]
             if tree_nodes:
@@ -256,8 +260,8 @@ def generate(llm, drafter, k: int, states, s0: int, t0: float, single: bool, tre
                     tr[1].extend([0] * (t - 1 - len(tr[1])))
                     tr[2].extend([1] * (t - 1 - len(tr[2])))
             else:
-                trees = {i: (drafter.propose(i, k), *chain) for i in active}
-            rows = [trees.get(i, ([0] * (t - 1), list(range(t - 1)), list(range(1, t)))) for i in range(b)]
+                trees = {i: chain_tree(drafter.propose(i, k)) for i in active}
+            rows = [trees.get(i) or chain_tree([0] * (t - 1)) for i in range(b)]     # finished rows: placeholders
             x = torch.tensor([[r.out[-1]] + rows[i][0] for i, r in enumerate(states)])
             lengths = [cache.lengths[s0 + i] for i in range(b)]
             if tree_nodes:

@@ -6,8 +6,9 @@ with g = h // (NH // KVH). Tree verification (TA = T > 1) narrows that: a query 
 cache rows before start[b] and, of this call's rows, only those u with anc[b, t, u] != 0 (its
 ancestors and itself; they come before it, so the causal bound still holds; anc[b, t, 0], the
 root, must be set). Plain calls pass anc of shape [B, 1, 1]. The caller has already written this
-step's keys and values into the cache (rope_qkv), so prefill (start 0, T up to the prompt), decode (T = 1, a different start per
-row) and verification (T = K + 1 at start > 0) are one code path.
+step's keys and values into the cache (rope_qkv), so prefill (start 0, T up to the prompt),
+decode (T = 1, a different start per row) and verification (T = K + 1 at start > 0) are one code
+path.
 
 Work items are (b, kv head, block of QB query tokens); an item's query rows are its tokens x the
 G = NH / KVH query heads that share the kv head, so each K/V row is read once per group (at
