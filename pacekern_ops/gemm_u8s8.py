@@ -40,6 +40,7 @@ Measured (M=256, K=1024, N=1024, u8 out, 1 thread of a shared 2-core VM, SPR-cla
 ~2.1 ms.
 """
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -137,6 +138,26 @@ def ref_acc(x4, wp, colsum, zp_x) -> torch.Tensor:
     cs = torch.as_tensor(colsum)
     w = unpack(wp, cs.shape[0]).to(torch.float64)
     return x @ w - float(zp_x) * cs.to(torch.float64)
+
+
+@functools.cache
+def torch_int8_saturates() -> bool:
+    """Whether PyTorch's quantized linear on this CPU saturates u8 x s8 pair sums at int16.
+
+    fbgemm (and oneDNN) without VNNI multiply with vpmaddubsw, which adds x[2i] w[2i] + x[2i+1] w[2i+1]
+    into an int16 with saturation: 255 * 127 * 2 = 64770 becomes 32767. PyTorch's own recipe for
+    such CPUs is 7-bit activations (reduce_range): with x < 128 every pair sum fits, and its results
+    are exact again. pacekern's kernels accumulate exactly at every ISA level, so on these CPUs
+    PyTorch is the reference only for x < 128 (the tests' cross-checks use that range there).
+    Probed with one 1 x 2 product, not guessed from CPU flags (FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+    puts fbgemm on its saturating path on any x86 CPU)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # torch's quantized types are deprecated
+        qx = torch._make_per_tensor_quantized_tensor(torch.full((1, 2), 255, dtype=torch.uint8), 1.0, 0)
+        qw = torch._make_per_tensor_quantized_tensor(torch.full((1, 2), 127, dtype=torch.int8), 1.0, 0)
+        y = torch.ops.quantized.linear(qx, torch.ops.quantized.linear_prepack(qw, None), 1000.0, 0)
+    return int(y.int_repr()[0, 0]) != 65                    # exact: round(64770 / 1000); saturated: 33
 
 
 def epilogue_factors(scale_w, bias, scale_x: float, scale_y: float | None):

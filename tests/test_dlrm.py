@@ -17,6 +17,7 @@ from dlrm import (Batch, BatchError, DLRMv2, DlrmSpec, FakeQuantDlrm, IdOutOfRan
                   train, validate)
 from dlrm.model import MLPERF_HOTNESS, MLPERF_ROWS
 from dlrm.quantize import RangeObserver, equalized_pairs
+from pacekern_ops.gemm_u8s8 import torch_int8_saturates
 
 INTERP = env.flag("PACEKERN_INTERPRET")
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated:UserWarning")
@@ -170,8 +171,13 @@ def test_int8_matches_references(micro, bits):
     p = PacekernDlrm(q, bits)(b)
     t = TorchInt8Dlrm(q, bits)(b)
     f = torch.sigmoid(FakeQuantDlrm(q, bits).logits(b)).float()
-    assert float((p - t).abs().max()) <= 1e-6
     d = (p - f).abs()
+    if torch_int8_saturates():
+        # PyTorch is the side that differs here (its int16 pair sums saturate): pacekern stays
+        # closer to the exact float64 model than PyTorch does
+        assert float(d.mean()) < float((t - f).abs().mean())
+    else:
+        assert float((p - t).abs().max()) <= 1e-6
     assert float(d.mean()) < 1e-3 and float(torch.quantile(d, 0.9)) < 1e-3 and float(d.max()) < 2e-2
     pf = model.predict(b)
     assert float((p - pf).abs().mean()) < 0.02                                          # close to fp32
@@ -328,9 +334,12 @@ def test_int8_auc_bars_on_trained_model(data):
         eval_rows = 15_000
     model, _ = train(src, TrainConfig(rows=100_000, batch=512, eval_rows=0), progress=False)
     q = quantize(model, src.stream("calib", 32_768, 4096), progress=False)
-    rep = evaluate_all(model, q, src.stream("eval", eval_rows, 4096), match_rows=8192, progress=False)
+    # where PyTorch's int8 saturates it is no reference (test_int8_matches_references shows which
+    # side differs there), and the slowest path: skip the match
+    match_rows = 0 if torch_int8_saturates() else 8192
+    rep = evaluate_all(model, q, src.stream("eval", eval_rows, 4096), match_rows=match_rows, progress=False)
     print(rep.table())
     assert rep.auc["fp32"] > 0.68                                   # a trained model, not a random one
     assert rep.ratio("pacekern-int8") >= AUC_RATIO_INT8
     assert rep.ratio("pacekern-int4") >= AUC_RATIO_INT4
-    assert rep.diff_vs_torch_int8["max"] <= 1e-3
+    assert rep.match_rows == match_rows and (not match_rows or rep.diff_vs_torch_int8["max"] <= 1e-3)

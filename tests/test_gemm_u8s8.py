@@ -36,10 +36,11 @@ def exact_acc(x_u8, w_s8, zp_x):
     return x_u8.long() @ w_s8.long() - int(zp_x) * w_s8.long().sum(0)
 
 
-def make_case(m, n, k, seed=0):
-    """Random quantized problem whose requantized output spans [0, 255] (not all saturated)."""
+def make_case(m, n, k, seed=0, x_max=255):
+    """Random quantized problem whose requantized output spans [0, 255] (not all saturated);
+    activations in [0, x_max]."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    x = torch.randint(0, x_max + 1, (m, k), dtype=torch.uint8, generator=gen)
     w = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
     scale_x, zp_x = 0.02, int(torch.randint(0, 256, (1,), generator=gen))
     scale_w = torch.rand(n, generator=gen) * 0.01 + 0.002
@@ -236,7 +237,11 @@ def test_backends_agree():
 
 
 # ---------------------------------------------------------------------------------------------
-# cross-checks against PyTorch's quantized ops (fbgemm/onednn), same quantized inputs
+# cross-checks against PyTorch's quantized ops (fbgemm/onednn), same quantized inputs. Without VNNI
+# PyTorch's pair sums saturate at int16 (g.torch_int8_saturates), so there it is a reference only
+# for 7-bit activations, the range its own recipe (reduce_range) uses on such CPUs.
+
+TORCH_X_MAX = 127 if g.torch_int8_saturates() else 255
 
 def _torch_packed(c):
     n = c["w"].shape[1]
@@ -250,7 +255,8 @@ def _torch_packed(c):
 def test_vs_torch_static_quantized_linear(m, n, k, relu):
     """torch.ops.quantized.linear(_relu) (static, u8 out): the same codes, bit for bit (the
     epilogue does fbgemm's float operations in fbgemm's order), on the VNNI and AMX paths."""
-    c = make_case(m, n, k, seed=21)
+    c = make_case(m, n, k, seed=21, x_max=TORCH_X_MAX)
+    c["zp_x"] = min(c["zp_x"], TORCH_X_MAX)
     qx = torch._make_per_tensor_quantized_tensor(c["x"], c["scale_x"], c["zp_x"])
     op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
     want = op(qx, _torch_packed(c), c["scale_y"], c["zp_y"]).int_repr()
@@ -262,16 +268,32 @@ def test_vs_torch_static_quantized_linear(m, n, k, relu):
 
 @pytest.mark.parametrize("m,n,k", [(7, 37, 64), (33, 100, 128)])
 def test_vs_torch_dynamic_quantized_linear(m, n, k):
-    """torch.ops.quantized.linear_dynamic (f32 out) on x_f = (x_u8 - zp_x) scale_x: with 0 and 255
-    present in x_u8 (and reduce_range off), torch's dynamic min/max quantization recovers exactly
-    scale_x, zp_x and x_u8, so the outputs differ only by float rounding: rtol 1e-5 of max |y|."""
-    c = make_case(m, n, k, seed=22)
-    c["x"][0, 0], c["x"][0, 1] = 0, 255
+    """torch.ops.quantized.linear_dynamic (f32 out) on x_f = (x_u8 - zp_x) scale_x: with 0 and
+    x_max present in x_u8 (255, or 127 with reduce_range where PyTorch saturates), torch's dynamic
+    min/max quantization recovers exactly scale_x, zp_x and x_u8, so the outputs differ only by
+    float rounding: rtol 1e-5 of max |y|."""
+    c = make_case(m, n, k, seed=22, x_max=TORCH_X_MAX)
+    c["x"][0, 0], c["x"][0, 1] = 0, TORCH_X_MAX
     c["zp_x"] = 97
     xf = (c["x"].float() - c["zp_x"]) * c["scale_x"]
-    want = torch.ops.quantized.linear_dynamic(xf, _torch_packed(c), False)
+    want = torch.ops.quantized.linear_dynamic(xf, _torch_packed(c), TORCH_X_MAX == 127)
     got = g.quantized_linear(c["x"], c["scale_x"], c["zp_x"], g.pack(c["w"], c["scale_w"]), c["bias"])
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_torch_saturation_probe():
+    """Full-range activations: pacekern equals the exact int64 result at every ISA level; PyTorch
+    does exactly when the probe says it does not saturate."""
+    m, n, k = 7, 37, 64
+    c = make_case(m, n, k, seed=23)
+    c.update(scale_x=1.0, zp_x=0, scale_w=torch.ones(n), bias=torch.zeros(n))   # codes = round(acc / 1024) + 128 (exact in f32)
+    c["x"][:, :2], c["w"][:2, :] = 255, 127                                     # pair sums of 64770 everywhere
+    want = torch_requant(exact_acc(c["x"], c["w"], 0).double(), 1024.0, 128, False)
+    got = g.quantized_linear(c["x"], 1.0, 0, g.pack(c["w"], c["scale_w"]), c["bias"], scale_y=1024.0, zp_y=128)
+    qx = torch._make_per_tensor_quantized_tensor(c["x"], 1.0, 0)
+    theirs = torch.ops.quantized.linear(qx, _torch_packed(c), 1024.0, 128).int_repr()
+    assert torch.equal(got, want)
+    assert torch.equal(theirs, want) != g.torch_int8_saturates()
 
 
 # ---------------------------------------------------------------------------------------------
