@@ -189,7 +189,7 @@ def dot4_u8s8_generic(acc, a, b):
     return (acc.astype(np.int64) + (a.astype(np.int64) * b.astype(np.int64)).reshape(16, 4).sum(1)).astype(np.int32)
 
 
-dot4_u8s8_vnni = dot4_u8s8_generic
+dot4_u8s8_vnni = dot4_u8s8_avx2 = dot4_u8s8_avx512 = dot4_u8s8_generic
 
 
 def dot2_bf16_generic(acc, a, b):

@@ -431,6 +431,46 @@ def dot4_u8s8_generic(typingctx, acc, a, b_):
     return i32x16(acc, a, b_), cg
 
 
+def _make_dot4_u8s8_pmaddwd(width: int):
+    """dot4_u8s8 on vpmaddwd (i16 x i16 pairs -> i32, exact), `width` bits a vector (256: AVX2).
+
+    Same result as vpdpbusd, lane for lane. Seen as 16-bit words, a's and b's bytes 2i and 2i+1
+    widen in place without any shuffle: a & 0xff and a >> 8 (u8, zero-extended), (b << 8) >>s 8 and
+    b >>s 8 (s8, sign-extended). vpmaddwd of the even words gives a[4i] b[4i] + a[4i+2] b[4i+2] in
+    i32 lane i, of the odd words a[4i+1] b[4i+1] + a[4i+3] b[4i+3]: the two sums add to lane i of
+    vpdpbusd. Each product fits i16 x i16 -> i32 exactly, so nothing saturates (vpmaddubsw, the
+    one-instruction u8 x s8 idiom, saturates its pair sums at int16 and is wrong for 255 * 127 * 2).
+    Per 32 bytes: 2 vpmaddwd, 5 shifts / ands, 2 adds; the a side is loop-invariant where a is a
+    broadcast activation."""
+    intr = {256: "llvm.x86.avx2.pmadd.wd", 512: "llvm.x86.avx512.pmaddw.d.512"}[width]
+    words = width // 16
+
+    @intrinsic
+    def dot4(typingctx, acc, a, b_):
+        if not (acc == i32x16 and a == u8x64 and b_ == s8x64):
+            return None
+        def cg(ctx, b, sig, args):
+            w16 = ir.VectorType(I16, 32)
+            k = lambda x: ir.Constant(w16, [x] * 32)
+            ua, sb = b.bitcast(args[1], w16), b.bitcast(args[2], w16)
+            pairs = [(b.and_(ua, k(0xFF)), b.ashr(b.shl(sb, k(8)), k(8))), (b.lshr(ua, k(8)), b.ashr(sb, k(8)))]
+            s = args[0]
+            for x, y in pairs:
+                parts = [_call(b, intr, ir.VectorType(I32, words // 2),
+                               [_shuffle(b, x, list(range(j, j + words))), _shuffle(b, y, list(range(j, j + words)))])
+                         for j in range(0, 32, words)]
+                if len(parts) == 2:
+                    parts = [b.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(I32, 16), list(range(16))))]
+                s = b.add(s, parts[0])
+            return s
+        return i32x16(acc, a, b_), cg
+    return dot4
+
+
+dot4_u8s8_avx2 = _make_dot4_u8s8_pmaddwd(256)
+dot4_u8s8_avx512 = _make_dot4_u8s8_pmaddwd(512)
+
+
 @intrinsic
 def dot2_bf16_avx512bf16(typingctx, acc, a, b_):
     """acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1] (bf16 pairs -> f32): vdpbf16ps zmm."""
@@ -552,7 +592,8 @@ f32x16_load_s8_masked = _make_widening_load("s8", True)
 # only "generic" is plain LLVM vector IR, valid everywhere. Levels above the entries fall back.
 
 LOWER: dict[str, dict[str, str]] = {
-    "dot4_u8s8": {"generic": "dot4_u8s8_generic", "avx512_vnni_bf16": "dot4_u8s8_vnni"},
+    "dot4_u8s8": {"generic": "dot4_u8s8_generic", "avx2": "dot4_u8s8_avx2", "avx512": "dot4_u8s8_avx512",
+                  "avx512_vnni_bf16": "dot4_u8s8_vnni"},
     "dot2_bf16": {"generic": "dot2_bf16_generic", "avx512_vnni_bf16": "dot2_bf16_avx512bf16"},
     "amx_config": {"amx": "amx_config"},
     "amx_zero": {"amx": "amx_zero"},

@@ -315,6 +315,7 @@ for _k in list(isa.LOWER):
     for _lv, _name in isa.LOWER[_k].items():
         _OP_TYPES.setdefault(_name, _OP_TYPES.get(_k, lambda ts: None))
 _OP_TYPES.update({"dot4_u8s8_vnni": lambda ts: "i32x16", "dot4_u8s8_generic": lambda ts: "i32x16",
+                  "dot4_u8s8_avx2": lambda ts: "i32x16", "dot4_u8s8_avx512": lambda ts: "i32x16",
                   "dot2_bf16_avx512bf16": lambda ts: "f32x16", "dot2_bf16_generic": lambda ts: "f32x16",
                   "cast_f32_i32": lambda ts: "i32x16", "cast_i32_f32": lambda ts: "f32x16",
                   "f32_to_bf16_bits": lambda ts: "bf16x32", "cast_i32_u8": lambda ts: "u8x64",

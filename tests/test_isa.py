@@ -127,8 +127,10 @@ def test_widening_loads():
 
 def test_lowering_table_gates_isa_specific_ops():
     from pacekern.isa import lower
-    assert lower("dot4_u8s8", "avx2") == "dot4_u8s8_generic"
+    assert lower("dot4_u8s8", "generic") == "dot4_u8s8_generic"
+    assert lower("dot4_u8s8", "avx2") == "dot4_u8s8_avx2"
+    assert lower("dot4_u8s8", "avx512") == "dot4_u8s8_avx512"
     assert lower("dot4_u8s8", "avx512_vnni_bf16") == "dot4_u8s8_vnni"
     assert lower("dot4_u8s8", "amx") == "dot4_u8s8_vnni"            # falls back to the highest lower entry
     assert lower("amx_dot_bf16", "avx512_vnni_bf16") is None
-    assert "vpdpbusd" not in dot4.source(level="avx2") and "dot4_u8s8_generic" in dot4.source(level="avx2")
+    assert "vpdpbusd" not in dot4.source(level="avx2") and "dot4_u8s8_avx2" in dot4.source(level="avx2")
