@@ -23,6 +23,10 @@ class Dim:
     def __repr__(self):
         return self.name
 
+    def __iter__(self):
+        """`N, = pk.dims("N")` unpacks like the several-name form (`N = pk.dims("N")` works too)."""
+        yield self
+
     def py(self) -> str:
         return self.name
 
@@ -71,7 +75,7 @@ def dim_names(d) -> list:
 
 
 def dims(names: str) -> tuple:
-    """`M, N, K = pk.dims("M N K")`."""
+    """`M, N, K = pk.dims("M N K")`; one name gives the Dim itself (`N = pk.dims("N")`, or `N, = ...`)."""
     out = tuple(Dim(n) for n in names.replace(",", " ").split())
     return out if len(out) > 1 else out[0]
 
@@ -217,8 +221,27 @@ def pow2(lo: int, hi: int) -> Choice:
 
 @dataclass(frozen=True)
 class Config:
-    """One point of a space: the values of the kernel's tile parameters."""
+    """One point of a space: the values of the kernel's tile parameters. `pk.Config(U=2)`,
+    `pk.Config({"U": 2})` and `pk.Config((("U", 2),))` are the same config."""
     values: tuple                        # ((name, value), ...) in the space's order
+
+    def __init__(self, values=(), /, **kw):
+        if isinstance(values, Config):
+            values = values.values
+        elif isinstance(values, dict):
+            values = tuple(values.items())
+        else:
+            values = tuple((k, v) for k, v in values)
+        object.__setattr__(self, "values", values + tuple(kw.items()))
+
+    @staticmethod
+    def coerce(c) -> "Config | None":
+        """A Config from what a user may pass: None, a Config, or a dict of parameter values."""
+        if c is None or isinstance(c, Config):
+            return c
+        if isinstance(c, dict):
+            return Config(c)
+        raise TypeError(f"expected pk.Config(...) or a dict of tile parameters, got {type(c).__name__}: {c!r}")
 
     def __getattr__(self, name):
         for k, v in object.__getattribute__(self, "values"):
@@ -254,6 +277,15 @@ class Space:
         object.__setattr__(self, "where", where)
         object.__setattr__(self, "prune", prune)
         object.__setattr__(self, "default", default)
+
+    def normalize(self, cfg: Config) -> Config:
+        """`cfg` in the space's parameter order (a hand-written pk.Config may list them in any
+        order). A config with other names is returned as it is: compiling it raises the error
+        that names the mismatch."""
+        vals = cfg.asdict()
+        if set(vals) != set(self.params):
+            return cfg
+        return Config(tuple((k, vals[k]) for k in self.params))
 
     def configs(self) -> list:
         names = list(self.params)

@@ -187,7 +187,7 @@ class Kernel:
         """Use `config` for this shape bucket (all buckets if none given), skipping the tuning cache.
         `pacekern tune` prints this line for the winner."""
         key = tuple(sorted(bucket.items())) if bucket else None
-        self._pinned[key] = config
+        self._pinned[key] = self.resolve_config(config)
         self._chosen.clear()
         return self
 
@@ -210,7 +210,15 @@ class Kernel:
         return cfg
 
     # ---- compilation --------------------------------------------------------------------------
+    def resolve_config(self, config) -> Config | None:
+        """A user's config (pk.Config or dict; None stays None) in the space's parameter order."""
+        config = Config.coerce(config)
+        if config is None or not (self.spec.space.params or config.values):
+            return config
+        return self.spec.space.normalize(config)
+
     def lower(self, config: Config | None = None, level: str | None = None):
+        config = self.resolve_config(config)
         config = self.spec.space.default_config() if config is None and self.spec.space.params else (config or Config(()))
         return passes.lower(self.spec.ir, config.asdict(), level or cpu().level)
 
@@ -242,6 +250,7 @@ class Kernel:
     # ---- calling ------------------------------------------------------------------------------
     def __call__(self, *args, config: Config | None = None):
         bound = self.bind(args)
+        config = self.resolve_config(config)
         cfg = config if config is not None else self.config_for(bound)
         try:
             ck = self.compiled(cfg)
@@ -262,6 +271,7 @@ class Kernel:
         same buffers (their contents may change) at the cost of the bare Numba call. For hot loops
         such as LLM decode, where buffers are fixed and only their values change."""
         bound = self.bind(args)
+        config = self.resolve_config(config)
         ck = self.compiled(config if config is not None else self.config_for(bound))
         fn, call_args, name = ck.fn, (*bound.flat, *(bound.dims[d] for d in self.spec.ir.dims)), self.name
         if not PROFILING:

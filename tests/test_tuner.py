@@ -56,6 +56,30 @@ def test_tune_validates_records_and_reuses(cache_dir):
     assert again.new == 0 and again.best in {r.config for r in ok}
 
 
+def test_pin_line_pastes_and_configs_take_every_form(cache_dir):
+    """The line `pacekern tune` prints runs as printed; a config is the same written as keywords,
+    a dict, pairs, or in another order, wherever a kernel takes one."""
+    k, args = _small_gemv()
+    res = pk.tune(k, *args, budget_s=60)
+    try:
+        eval(res.pin_line(), {"pk": pk, "_scale": k})
+        assert k.config_for(k.bind(args)) == res.best
+    finally:
+        k._pinned.clear()
+        k._chosen.clear()
+    forms = [pk.Config(U=2, P=0), pk.Config({"U": 2, "P": 0}), pk.Config((("U", 2), ("P", 0))), pk.Config.of(U=2, P=0)]
+    assert len(set(forms)) == 1 and repr(forms[0]) == "pk.Config(U=2, P=0)"
+    assert k.resolve_config(pk.Config(P=0, U=2)) == forms[0] == k.resolve_config({"P": 0, "U": 2})
+    assert k.source({"U": 2, "P": 0}) == k.source(forms[0]) and k.show_ir({"U": 2, "P": 0})
+    y = torch.empty(4000)
+    k(args[0], y, config={"P": 1, "U": 4})
+    assert torch.equal(y, 2 * args[0])
+    with pytest.raises(TypeError, match="pk.Config"):
+        k(args[0], y, config=[2, 0])
+    M, = pk.dims("M")                                          # one name unpacks like several
+    assert repr(M) == "M" and repr(pk.dims("M")) == "M"
+
+
 def test_wrong_configs_are_rejected(cache_dir):
     k, args = _small_gemv()
     bad_ref = lambda x, y: 2.0 * x + 1.0                        # a reference every config disagrees with
