@@ -241,7 +241,16 @@ class _Translator:
             return self.call(e)
         if isinstance(e, ast.IfExp):
             self.error(e, "conditional expressions are not supported: use an if statement, or pk.max/pk.min")
-        self.error(e, f"'{type(e).__name__}' expressions are not supported in kernels")
+        what = type(e).__name__
+        hint = {"ListComp": "write a for loop that stores into an output array or a pk.tile",
+                "GeneratorExp": "write a for loop that accumulates into a variable",
+                "DictComp": "kernels have no dicts: use arrays", "SetComp": "kernels have no sets: use arrays",
+                "List": "kernels have no lists: use a pk.tile or an array parameter",
+                "Tuple": "kernels have no tuples: use one name per value",
+                "Dict": "kernels have no dicts: use arrays", "Lambda": "define helpers at module level with @pk.func",
+                "JoinedStr": "kernels have no strings",
+                "Attribute": "kernels see pk ops, parameters and locals only"}.get(what, "")
+        self.error(e, f"'{what}' expressions are not supported in kernels" + (f"; {hint}" if hint else ""))
 
     def name(self, e):
         n, ln = e.id, self.line(e)
@@ -320,7 +329,16 @@ class _Translator:
                 return self.inline(target, e)
             if f.id == "range":
                 self.error(e, "range() is only allowed as a for-loop iterator")
-        self.error(e, "only pk ops, pk.<vtype> methods, @pk.func helpers and min/max/abs/int/float can be called in kernels")
+        name = ast.unparse(f) if hasattr(ast, "unparse") else "this"
+        leaf = name.rsplit(".", 1)[-1]
+        hint = (f"; use pk.{leaf} (vector op: on a scalar, pk.hmax(pk.{leaf}(pk.f32x16.bcast(x))))"
+                if leaf in lang.OPS else
+                {"sum": "; accumulate in a for loop, or pk.hsum(v) over a vector's lanes",
+                 "len": "; use the dims of the parameter's shape (pk.dims)",
+                 "print": "; kernels cannot print: run with PACEKERN_INTERPRET=1 and step through the generated "
+                          "source with pdb (PACEKERN_PRINT_CODE=1 names the file)"}.get(leaf, ""))
+        self.error(e, f"{name}() cannot be called in kernels: only pk ops, pk.<vtype> methods, @pk.func helpers "
+                      f"and min/max/abs/int/float can" + hint)
 
     def address(self, a):
         """The first argument of loads/stores: an element x[i, j] whose address is used."""

@@ -17,6 +17,27 @@ def test_syntax_error_points_at_kernel_line():
     assert "test_frontend.py" in msg and "'With' statements are not supported" in msg and 'with open("f")' in msg
 
 
+def test_unsupported_syntax_says_what_to_write_instead():
+    import math
+    with pytest.raises(pk.PkSyntaxError, match=r"math.sqrt\(\) cannot be called in kernels.*use pk.sqrt"):
+        @pk.kernel
+        def bad(x: pk.f32[N]):
+            x[0] = math.sqrt(x[1])
+    with pytest.raises(pk.PkSyntaxError, match=r"sum\(\) cannot be called.*accumulate in a for loop"):
+        @pk.kernel
+        def bad1(x: pk.f32[N]):
+            x[0] = sum(x)
+    with pytest.raises(pk.PkSyntaxError, match="'ListComp' expressions are not supported in kernels; write a for loop"):
+        @pk.kernel
+        def bad2(x: pk.f32[N]):
+            v = [x[i] for i in range(4)]
+    with pytest.raises(pk.PkSyntaxError, match="'Lambda' expressions .*@pk.func"):
+        @pk.kernel
+        def bad3(x: pk.f32[N]):
+            f = lambda v: v
+            x[0] = 1.0
+
+
 def test_undefined_name_and_bad_global():
     with pytest.raises(pk.PkSyntaxError, match="name 'nope' is not defined"):
         @pk.kernel
