@@ -8,9 +8,9 @@ compile of the process.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from . import env
@@ -98,8 +98,22 @@ def _numba_features(level: str, host: set) -> tuple:
     return ("haswell" if level == "avx2" else None), ",".join([f"+{f}" for f in feats] + [f"-{f}" for f in sorted(drop)])
 
 
-@lru_cache(maxsize=1)
+_CPU: CpuInfo | None = None
+
+
 def cpu() -> CpuInfo:
+    """This process's CPU facts and thread budget, detected once. PACEKERN_NUM_THREADS, when set,
+    is applied to Numba and torch here, so that kernels, torch and the tuner's key agree."""
+    global _CPU
+    if _CPU is None:
+        info = _detect()
+        if env.get("PACEKERN_NUM_THREADS"):
+            _apply_threads(info.threads)
+        _CPU = info
+    return _CPU
+
+
+def _detect() -> CpuInfo:
     host = _host_features()
     host_level = _level_of(host)
     forced = env.get("PACEKERN_ISA").strip()
@@ -132,12 +146,23 @@ def cpu() -> CpuInfo:
                    _cache_size(3, 8 << 20), cores, threads, amx_ok)
 
 
-def set_num_threads(n: int):
-    """One thread budget for pacekern kernels and torch (they run one after another, never nested)."""
+def _apply_threads(n: int):
     import numba
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"{n} threads: choose 1 to {numba.config.NUMBA_NUM_THREADS} (this process's CPUs; "
+                         "PACEKERN_NUM_THREADS or pk.set_num_threads)")
     numba.set_num_threads(n)
     try:
         import torch
         torch.set_num_threads(n)
     except ImportError:
         pass
+
+
+def set_num_threads(n: int):
+    """One thread budget for pacekern kernels and torch (they run one after another, never nested);
+    `pk.target().threads` and the tuning key follow it."""
+    global _CPU
+    n = int(n)
+    _apply_threads(n)
+    _CPU = dataclasses.replace(cpu(), threads=n)

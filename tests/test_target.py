@@ -57,3 +57,30 @@ def test_forced_avx2_process_runs_kernels_without_zmm(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"level": "avx2", "ok": True, "zmm": 0, "ymm": res["ymm"]} and res["ymm"] > 8
     assert "without AVX512" in out.stderr                      # the one warning
+
+
+def test_thread_budget_reaches_numba_torch_and_the_tuning_key(tmp_path):
+    """PACEKERN_NUM_THREADS=1 and pk.set_num_threads set Numba's and torch's thread counts and
+    pk.target().threads (which the tuning key holds); a count beyond the CPUs is refused."""
+    code = textwrap.dedent("""
+        import json, numba, torch, pacekern as pk
+        from pacekern_ops.gemv import gemv_bf16
+        x, w, y = torch.randn(1, 32), torch.randn(24, 32).bfloat16(), torch.empty(1, 24)
+        gemv_bf16(x, w, y)
+        seen = [numba.get_num_threads(), torch.get_num_threads(), pk.target().threads]
+        cores = pk.target().cores
+        pk.set_num_threads(cores)
+        seen += [numba.get_num_threads(), torch.get_num_threads(), pk.target().threads,
+                 f"threads={cores}" in pk.target().fingerprint()]
+        try:
+            pk.set_num_threads(cores + 1)
+            seen.append("accepted")
+        except ValueError as e:
+            seen.append("refused" if "choose 1 to" in str(e) else str(e))
+        print(json.dumps([seen, cores]))
+    """)
+    env = dict(os.environ, PACEKERN_NUM_THREADS="1", PACEKERN_CACHE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen, cores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == [1, 1, 1, cores, cores, cores, True, "refused"]
