@@ -306,8 +306,8 @@ class _Translator:
                 else:
                     args.append(self.expr(a))
             if "n" in kw:
-                if op != "store":
-                    self.error(e, "n= (masked tail) is only accepted by loads and pk.store")
+                if op not in ("store", "store_bf16"):
+                    self.error(e, "n= (masked tail) is only accepted by loads, pk.store and pk.store_bf16")
                 args.append(self.expr(kw.pop("n")))
             if kw:
                 self.error(e, f"unexpected keyword(s) {', '.join(kw)}")

@@ -114,6 +114,12 @@ def store_bf16(arr, idx, v):
     arr[idx: idx + 16] = _f32_to_bf16(v)
 
 
+def store_bf16_masked(arr, idx, v, n):
+    n = max(0, min(int(n), 16))
+    _check(arr, idx, n, f"store_bf16(n={n})")
+    arr[idx: idx + n] = _f32_to_bf16(v)[:n]
+
+
 def f32_to_bf16_bits(v):
     out = np.zeros(32, np.int16)
     out[:16] = _f32_to_bf16(v)

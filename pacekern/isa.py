@@ -386,19 +386,36 @@ def f32_to_bf16_bits(typingctx, a):
     return bf16x32(a), cg
 
 
+def _round_bf16_bits(b, a):
+    """f32 <16 x float> -> <16 x i16> bf16 bit patterns, nearest even; NaN stays a quiet NaN."""
+    v32 = ir.VectorType(I32, 16)
+    u = b.bitcast(a, v32)
+    k = lambda x: ir.Constant(v32, [x] * 16)
+    r = b.lshr(b.add(u, b.add(k(0x7FFF), b.and_(b.lshr(u, k(16)), k(1)))), k(16))
+    r = b.select(b.fcmp_unordered("uno", a, a), b.or_(b.lshr(u, k(16)), k(0x40)), r)
+    return b.trunc(r, ir.VectorType(I16, 16))
+
+
 @intrinsic
 def store_bf16(typingctx, arr, idx, a):
     """Round f32x16 to bf16 (nearest even) and store 16 int16 bit patterns at arr[idx]."""
     _check_array(arr, "bf16", "store_bf16")
     def cg(ctx, b, sig, args):
-        v32 = ir.VectorType(I32, 16)
-        u = b.bitcast(args[2], v32)
-        k = lambda x: ir.Constant(v32, [x] * 16)
-        r = b.lshr(b.add(u, b.add(k(0x7FFF), b.and_(b.lshr(u, k(16)), k(1)))), k(16))
-        r = b.select(b.fcmp_unordered("uno", args[2], args[2]), b.or_(b.lshr(u, k(16)), k(0x40)), r)
-        b.store(b.trunc(r, ir.VectorType(I16, 16)), _elem_ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(I16, 16)), align=1)
+        b.store(_round_bf16_bits(b, args[2]), _elem_ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(I16, 16)), align=1)
         return ctx.get_dummy_value()
     return types.void(arr, idx, f32x16), cg
+
+
+@intrinsic
+def store_bf16_masked(typingctx, arr, idx, a, n):
+    """store_bf16 of the first n lanes only (n clamped to [0, 16]); memory past them is untouched."""
+    _check_array(arr, "bf16", "store_bf16")
+    def cg(ctx, b, sig, args):
+        p = _elem_ptr(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(I16, 16))
+        mask = _lane_mask(b, ctx.cast(b, args[3], sig.args[3], types.int64), 16)
+        _call(b, "llvm.masked.store.v16i16.p0", ir.VoidType(), [_round_bf16_bits(b, args[2]), p, ir.Constant(I32, 1), mask])
+        return ctx.get_dummy_value()
+    return types.void(arr, idx, f32x16, n), cg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +621,7 @@ LOWER: dict[str, dict[str, str]] = {
     "amx_release": {"amx": "amx_release"},
 }
 for _op in ("bitcast", "store", "store_masked", "fma", "add", "sub", "mul", "div", "vmax", "vmin", "neg", "hsum",
-            "hmax", "hmin", "sqrt", "exp", "cast_f32_i32", "cast_i32_f32", "store_bf16", "f32_to_bf16_bits",
+            "hmax", "hmin", "sqrt", "exp", "cast_f32_i32", "cast_i32_f32", "store_bf16", "store_bf16_masked", "f32_to_bf16_bits",
             "f32x16_load_bf16", "f32x16_load_bf16_masked", "f32x16_load_s8", "f32x16_load_s8_masked"):
     LOWER[_op] = {"generic": _op}
 for _vt in VECTYPES.values():

@@ -112,6 +112,24 @@ def test_masked_tail_touches_only_n_lanes(n):
 
 
 @pk.kernel
+def bf16_tail(x: pk.f32[N], y: pk.Out[pk.bf16[N]], z: pk.Out[pk.f32[16]]):
+    for i in range(0, N, 16):
+        pk.store_bf16(y[i], pk.f32x16.load(x[i], n=N - i), n=N - i)
+    pk.store(z[0], pk.f32x16.load(x[0], n=min(N, 3)))            # lanes from n on read 0
+
+
+def test_store_bf16_masked_tail():
+    x = torch.randn(64)
+    for n in (1, 15, 16, 21):
+        buf = torch.full((n + 16,), 7.0).bfloat16()                  # a guard tail that must stay 7
+        z = torch.full((16,), -1.0)
+        bf16_tail(x[:n], buf[:n], z)
+        assert torch.equal(buf[:n], x[:n].bfloat16()) and torch.all(buf[n:] == 7.0)
+        m = min(n, 3)
+        assert torch.equal(z[:m], x[:m]) and torch.all(z[m:] == 0)
+
+
+@pk.kernel
 def widen(wb: pk.bf16[N], ws: pk.s8[N], y: pk.Out[pk.f32[N]], z: pk.Out[pk.f32[N]]):
     for i in range(0, N, 16):
         pk.store(y[i], pk.f32x16.load_bf16(wb[i], n=N - i), n=N - i)
