@@ -23,7 +23,10 @@ The result is acc / l. A row's bits depend only on the sequence of keys it sees,
 they sit in the cache or which rows share the call: unseen keys contribute exact zeros, the max
 is exact and the sums run in key order (no online rescaling at block edges, no lane-wise partial
 sums). So a row verified at any place in a tree gets the bits plain decode gives it, and a greedy
-tree walk is exactly lossless. Causality: row (t, g) sees start[b] + t + 1 keys; scores past that
+tree walk is exactly lossless. "In key order" needs strict_fp: with fastmath's reassoc LLVM may
+unroll the key loop and regroup its FMA chains, and which keys fall in the unrolled body then
+depends on how many keys the tile sees (1-ulp differences at NV=2 on Zen 4:
+test_attention_tree_rows_are_decode_rows). Causality: row (t, g) sees start[b] + t + 1 keys; scores past that
 are -inf before exp (so 0 after it) and the tiles never read cache rows past the last row's
 position (they may be uninitialized memory). Differences from torch's fp32 SDPA are summation
 order and pacekern's exp (~2e-7 relative).
@@ -196,7 +199,7 @@ def _attend(q, kc, vc, start, anc, out, it, nqb):
             pk.store(out[b, t0 + r // G, kvh * G + r % G, d], pk.f32x16.load(acc[r, d], n=D - d) * inv, n=D - d)
 
 
-@pk.kernel(space=SPACE, ref=ref, key={"B": "pow2", "T": "pow2"})
+@pk.kernel(space=SPACE, ref=ref, key={"B": "pow2", "T": "pow2"}, strict_fp=True)
 def attention(q: pk.f32[B, T, NH, D], kc: pk.f32[B, KVH, S, D], vc: pk.f32[B, KVH, S, D], start: pk.i32[B],
               anc: pk.i32[B, TA, TA], out: pk.Out[pk.f32[B, T, NH, D]], *, QB, KB, MR, NK, NV, PAR):
     nqb = (T + QB - 1) // QB
