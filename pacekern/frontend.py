@@ -331,8 +331,7 @@ class _Translator:
                 self.error(e, "range() is only allowed as a for-loop iterator")
         name = ast.unparse(f) if hasattr(ast, "unparse") else "this"
         leaf = name.rsplit(".", 1)[-1]
-        hint = (f"; use pk.{leaf} (vector op: on a scalar, pk.hmax(pk.{leaf}(pk.f32x16.bcast(x))))"
-                if leaf in lang.OPS else
+        hint = (f"; use pk.{leaf}" if leaf in lang.OPS else
                 {"sum": "; accumulate in a for loop, or pk.hsum(v) over a vector's lanes",
                  "len": "; use the dims of the parameter's shape (pk.dims)",
                  "print": "; kernels cannot print: run with PACEKERN_INTERPRET=1 and step through the generated "

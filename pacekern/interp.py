@@ -180,7 +180,7 @@ def sqrt(a):
 
 def exp(a):
     with np.errstate(over="ignore", under="ignore"):
-        return np.exp(a.astype(np.float64)).astype(np.float32)
+        return np.exp(np.asarray(a, np.float64)).astype(np.float32)[()]
 
 
 def cast_f32_i32(a):

@@ -295,6 +295,10 @@ hsum, hmax, hmin = _reduce("sum"), _reduce("max"), _reduce("min")
 
 @intrinsic
 def sqrt(typingctx, a):
+    """Square root of an f32x16, or of a scalar float (in its own precision: llvm.sqrt.f32/f64)."""
+    if isinstance(a, types.Float):
+        name = f"llvm.sqrt.f{a.bitwidth}"
+        return a(a), lambda ctx, b, sig, args: _call(b, name, args[0].type, [args[0]])
     if a != f32x16:
         return None
     return a(a), lambda ctx, b, sig, args: _call(b, "llvm.sqrt.v16f32", f32x16.llvm, [args[0]])
@@ -335,33 +339,44 @@ def exp(typingctx, a):
     """e**x for f32x16 by range reduction x = n*ln2 + r and a degree-6 polynomial for e**r.
 
     Max relative error ~2e-7 on [-87, 88]; x < -87.3 (and -inf) gives 0, x > 88.7 gives +inf,
-    NaN propagates. No libm/SVML dependency, so it vectorizes on every ISA level.
+    NaN propagates. No libm/SVML dependency, so it vectorizes on every ISA level. A scalar float
+    goes through the same f32 polynomial in lane 0 (so a scalar and a vector lane agree bit for
+    bit) and gives an f32.
     """
+    if isinstance(a, types.Float):
+        def cg_scalar(ctx, b, sig, args):
+            x = args[0] if a.bitwidth == 32 else b.fptrunc(args[0], ir.FloatType())
+            v = b.insert_element(ir.Constant(f32x16.llvm, None), x, ir.Constant(I32, 0))
+            return b.extract_element(_exp_v16(b, v), ir.Constant(I32, 0))
+        return types.float32(a), cg_scalar
     if a != f32x16:
         return None
-    def cg(ctx, b, sig, args):
-        vt = f32x16.llvm
-        c = lambda x: ir.Constant(vt, [float(x)] * 16)
-        x = _call(b, "llvm.minnum.v16f32", vt, [args[0], c(88.7)])
-        x = _call(b, "llvm.maxnum.v16f32", vt, [x, c(-87.5)])
-        n = _call(b, "llvm.roundeven.v16f32", vt, [b.fmul(x, c(1.4426950408889634))])
-        r = _call(b, "llvm.fma.v16f32", vt, [n, c(-0.693145751953125), x])     # ln2 split hi/lo
-        r = _call(b, "llvm.fma.v16f32", vt, [n, c(-1.428606765330187e-06), r])
-        p = c(1.0 / 720)
-        for k in (120, 24, 6, 2, 1, 1):
-            p = _call(b, "llvm.fma.v16f32", vt, [p, r, c(1.0 / k)])
-        # scale by 2**n through the exponent bits; n in [-127, 128] after clamping
-        ni = b.fptosi(n, ir.VectorType(I32, 16))
-        e = b.shl(b.add(ni, ir.Constant(ir.VectorType(I32, 16), [127] * 16)), ir.Constant(ir.VectorType(I32, 16), [23] * 16))
-        res = b.fmul(p, b.bitcast(e, vt))
-        # below -87.3 the result underflows: return exactly 0 (covers -inf); keep NaN as NaN
-        under = b.fcmp_ordered("<", args[0], c(-87.3))
-        res = b.select(under, c(0.0), res)
-        over = b.fcmp_ordered(">", args[0], c(88.7))
-        res = b.select(over, c(float("inf")), res)
-        isnan = b.fcmp_unordered("uno", args[0], args[0])
-        return b.select(isnan, args[0], res)
-    return f32x16(a), cg
+    return f32x16(a), lambda ctx, b, sig, args: _exp_v16(b, args[0])
+
+
+def _exp_v16(b, arg):
+    """The body of `exp` on one <16 x float>."""
+    vt = f32x16.llvm
+    c = lambda x: ir.Constant(vt, [float(x)] * 16)
+    x = _call(b, "llvm.minnum.v16f32", vt, [arg, c(88.7)])
+    x = _call(b, "llvm.maxnum.v16f32", vt, [x, c(-87.5)])
+    n = _call(b, "llvm.roundeven.v16f32", vt, [b.fmul(x, c(1.4426950408889634))])
+    r = _call(b, "llvm.fma.v16f32", vt, [n, c(-0.693145751953125), x])     # ln2 split hi/lo
+    r = _call(b, "llvm.fma.v16f32", vt, [n, c(-1.428606765330187e-06), r])
+    p = c(1.0 / 720)
+    for k in (120, 24, 6, 2, 1, 1):
+        p = _call(b, "llvm.fma.v16f32", vt, [p, r, c(1.0 / k)])
+    # scale by 2**n through the exponent bits; n in [-127, 128] after clamping
+    ni = b.fptosi(n, ir.VectorType(I32, 16))
+    e = b.shl(b.add(ni, ir.Constant(ir.VectorType(I32, 16), [127] * 16)), ir.Constant(ir.VectorType(I32, 16), [23] * 16))
+    res = b.fmul(p, b.bitcast(e, vt))
+    # below -87.3 the result underflows: return exactly 0 (covers -inf); keep NaN as NaN
+    under = b.fcmp_ordered("<", arg, c(-87.3))
+    res = b.select(under, c(0.0), res)
+    over = b.fcmp_ordered(">", arg, c(88.7))
+    res = b.select(over, c(float("inf")), res)
+    isnan = b.fcmp_unordered("uno", arg, arg)
+    return b.select(isnan, arg, res)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,6 +256,8 @@ def legalize(k: ir.KernelIR, level: str) -> ir.KernelIR:
                   "dot4_u8s8": ["i32x16", "u8x64", "s8x64"], "dot2_bf16": ["f32x16", "bf16x32", "bf16x32"],
                   "to_i32": ["f32x16"], "to_f32": ["i32x16"], "to_bf16": ["f32x16"], "to_u8": ["i32x16"],
                   "to_s8": ["i32x16"], "low_nibbles": ["u8x64"], "high_nibbles": ["u8x64"]}
+        if n in ("exp", "sqrt") and ts == ["float"]:
+            return ir.Op(n, args, line=e.line)                   # scalar math: same intrinsic, scalar overload
         if n in checks and checks[n] is not None and ts != checks[n]:
             _err(k, e, f"pk.{n} takes ({', '.join(checks[n])}), got ({', '.join(str(t) for t in ts)})")
         if n in ("hsum", "hmax", "hmin") and ts[0] not in ("f32x16", "i32x16"):

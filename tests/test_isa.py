@@ -130,6 +130,24 @@ def test_store_bf16_masked_tail():
 
 
 @pk.kernel
+def scalar_math(x: pk.f32[16], y: pk.Out[pk.f32[16]], z: pk.Out[pk.f32[4]]):
+    pk.store(y[0], pk.exp(pk.f32x16.load(x[0])))
+    z[0] = pk.exp(x[3])
+    z[1] = pk.sqrt(x[3] * x[3] + 1.0)
+    z[2] = 1.0 / pk.sqrt(pk.exp(x[5]))
+
+
+def test_scalar_exp_and_sqrt():
+    """pk.exp / pk.sqrt on scalars; a scalar exp gives the bits of the same vector lane."""
+    x = torch.randn(16)
+    y, z = torch.empty(16), torch.zeros(4)
+    scalar_math(x, y, z)
+    assert z[0] == y[3]
+    torch.testing.assert_close(z[:3], torch.stack([x[3].exp(), (x[3] ** 2 + 1).sqrt(), (-x[5] / 2).exp()]),
+                               rtol=1e-6, atol=0)
+
+
+@pk.kernel
 def widen(wb: pk.bf16[N], ws: pk.s8[N], y: pk.Out[pk.f32[N]], z: pk.Out[pk.f32[N]]):
     for i in range(0, N, 16):
         pk.store(y[i], pk.f32x16.load_bf16(wb[i], n=N - i), n=N - i)
