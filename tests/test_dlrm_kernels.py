@@ -50,12 +50,12 @@ def test_embedding_bag_vs_ref(d, bits):
     p = {32: lambda: eb.pack_f32(ts), 8: lambda: eb.pack_s8(*eb.quantize_rows_u8(w), ROWS),
          4: lambda: eb.pack_u4(*eb.quantize_rows_u4(w), ROWS)}[bits]()
     col0 = 16
-    y = torch.full((b, col0 + len(ROWS) * d + 8), 7.0)          # slots start at col0; other columns untouched
-    if bits == 32:
-        pk.check(eb.embedding_bag_f32, p.w, p.base, idx, off, col0, y)
-    else:
-        k = eb.embedding_bag_s8 if bits == 8 else eb.embedding_bag_u4
-        pk.check(k, p.w, p.sb, p.base, idx, off, col0, y)
+    y = torch.empty(b, col0 + len(ROWS) * d + 8)                # slots start at col0; other columns untouched
+    k, args = ((eb.embedding_bag_f32, (p.w, p.base, idx, off, col0, y)) if bits == 32 else
+               (eb.embedding_bag_s8 if bits == 8 else eb.embedding_bag_u4, (p.w, p.sb, p.base, idx, off, col0, y)))
+    pk.check(k, *args)                       # y poisoned first: every slot column must be written
+    y.fill_(7.0)
+    k(*args)
     assert (y[:, :col0] == 7).all() and (y[:, col0 + len(ROWS) * d:] == 7).all()
     # written twice: a plain torch statement of the pooled sums of the dequantized rows
     rows = eb.dequantized(p)

@@ -40,6 +40,34 @@ def _scale(x: pk.f32[N], y: pk.Out[pk.f32[N]], *, U, P):
             pk.store(y[i + 16 * u], pk.f32x16.load(x[i + 16 * u], n=N - i - 16 * u) * 2.0, n=N - i - 16 * u)
 
 
+@pk.kernel(space=pk.Space(SKIP=pk.choice(0, 1), default=dict(SKIP=0)), ref=_ref_scale)
+def _scale_tail(x: pk.f32[N], y: pk.Out[pk.f32[N]], *, SKIP):
+    """y = 2x; SKIP=1 is a broken config that leaves the partial last vector unwritten."""
+    for i in pk.prange(0, N - 16 * SKIP, 16):
+        pk.store(y[i], pk.f32x16.load(x[i], n=N - i) * 2.0, n=N - i)
+
+
+def test_check_rejects_a_skipped_tail_even_after_a_correct_run(cache_dir):
+    """The output already holds the right answer (the correct config ran first on the same
+    buffers, as in the tuner): the broken config must still fail, and the tuner must not pick it."""
+    x, y = torch.randn(1000), torch.empty(1000)
+    pk.check(_scale_tail, x, y, config=pk.Config(SKIP=0))
+    with pytest.raises(pk.CheckError, match="elements differ"):
+        pk.check(_scale_tail, x, y, config=pk.Config(SKIP=1))
+    res = pk.tune(_scale_tail, x, y, budget_s=60)
+    assert res.best == pk.Config(SKIP=0)
+    assert [r.status for r in res.records if r.config == pk.Config(SKIP=1)] == ["wrong"]
+
+
+def test_compare_scale_ignores_non_finite_reference_values():
+    """A NaN or inf in the reference must not widen the tolerance for the finite values beside it."""
+    from pacekern.check import compare
+    for bad in (float("nan"), float("inf")):
+        want = torch.tensor([bad, 1.0, 2.0])
+        assert not compare("y", torch.tensor([bad, 1.0, 5.0]), want, "f32").ok
+        assert compare("y", torch.tensor([bad, 1.0, 2.0]), want, "f32").ok
+
+
 def _small_gemv():
     """A small kernel whose whole space (6 configs) is measured in one tuning run."""
     return _scale, (torch.randn(4000), torch.empty(4000))
