@@ -181,3 +181,20 @@ class DLRMv2(nn.Module):
         from .data import validate
         validate(batch, self.spec)
         return torch.sigmoid(self(batch.dense, batch.indices, batch.offsets))
+
+
+def load_file(path, what: str) -> dict:
+    """A checkpoint or quantized model written by this package, loaded without executing anything
+    in it (`weights_only=True`: tensors and plain containers only; a pickle that would construct
+    other objects or run code is refused). Any file that is not one of ours gets an error naming it."""
+    import pathlib
+    import pickle
+    try:
+        with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):   # paths in older metadata
+            d = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a pacekern DLRM {what}, or it is damaged (refused to load it: {first})") from None
+    if not isinstance(d, dict) or "spec" not in d:
+        raise ValueError(f"{path} is not a pacekern DLRM {what} (no 'spec' in it)")
+    return d

@@ -34,7 +34,7 @@ import torch
 
 from pacekern_ops import embedding_bag as eb
 
-from .model import DLRMv2, DlrmSpec
+from .model import DLRMv2, DlrmSpec, load_file
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +131,7 @@ class QuantizedDlrm:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no quantized DLRM at {path} (make one with `pacekern dlrm quantize`)")
-        d = torch.load(path, map_location="cpu", weights_only=False)
+        d = load_file(path, "quantized model")
         lin = {k: QLinear(v["w"], v["scale_w"], v["bias"], ActQ(*v["inp"]), None if v["out"] is None else ActQ(*v["out"]),
                           v["relu"]) for k, v in d["linears"].items()}
         tabs = {}

@@ -10,6 +10,7 @@ seed (data, init, order), up to floating-point reduction order across threads.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 from pacekern.log import log
 
 from .data import auc, validate
-from .model import DLRMv2, DlrmSpec
+from .model import DLRMv2, DlrmSpec, load_file
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def save_checkpoint(path, model: DLRMv2, meta: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
+    meta = json.loads(json.dumps(meta, default=str))       # plain values only: loadable with weights_only=True
     torch.save({"spec": model.spec.to_dict(), "state": model.state_dict(), "meta": meta}, tmp)
     os.replace(tmp, path)
     return path
@@ -52,7 +54,7 @@ def load_checkpoint(path) -> tuple[DLRMv2, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no DLRM checkpoint at {path} (train one with `pacekern dlrm train --out {path}`)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_file(path, "checkpoint")
     model = DLRMv2(DlrmSpec.from_dict(ck["spec"]))
     model.load_state_dict(ck["state"])
     model.eval()

@@ -194,6 +194,31 @@ def test_quantized_save_load(micro, tmp_path):
         QuantizedDlrm.load(tmp_path / "missing.pt")
 
 
+class _Exploit:
+    """A pickle that runs code when loaded with weights_only=False (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_untrusted_files_are_never_executed(micro, tmp_path):
+    """Checkpoints and quantized models load with weights_only=True: a malicious pickle is refused
+    (nothing runs) and garbage gets an error naming the file, on both load paths."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"spec": {}, "state": _Exploit(marker)}, evil)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint" * 10)
+    for load in (load_checkpoint, QuantizedDlrm.load):
+        for path in (evil, junk):
+            with pytest.raises(ValueError, match=f"{path.name} is not a pacekern DLRM"):
+                load(path)
+    assert not marker.exists()
+
+
 def test_quantization_recipe(micro):
     """Per-channel symmetric int8 weights; u8 activations with zero point 0 after ReLU."""
     spec, _, model, q = micro
