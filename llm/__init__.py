@@ -8,3 +8,6 @@ __all__ = ["LLMModel", "SamplingConfig", "OpConfig", "KVCacheConfig", "Generatio
 from .speculative import DraftModelSpecDecodeConfig, PardSpecDecodeConfig  # noqa: E402
 
 __all__ += ["PardSpecDecodeConfig", "DraftModelSpecDecodeConfig"]
+from .engine import Engine, EngineConfig, OverloadedError, Request, RequestOutput  # noqa: E402
+
+__all__ += ["Engine", "EngineConfig", "Request", "RequestOutput", "OverloadedError"]

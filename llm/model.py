@@ -23,6 +23,7 @@ then  res += o; h = rmsnorm(res) * norm; logits = h @ Wlm^T; next = argmax(logit
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -136,3 +137,130 @@ class Transformer:
         for i in range(b):
             c.lengths[slot0 + i] += t
         return p
+
+
+# ---- the engine's flat steps over a paged KV cache (llm/engine.py) ---------------------------------
+
+@dataclass(frozen=True)
+class FlatBatch:
+    """One engine step as the model runner sees it: sequence s contributes tokens[s] (its next
+    uncached tokens), starting at position starts[s], its KV in pool blocks blocks[s]; logits are
+    wanted for the last token of the sequences with sample[s]."""
+    tokens: tuple             # tuple of token-id tuples
+    starts: tuple             # int per sequence
+    blocks: tuple             # tuple of block-id tuples (covering starts[s] + len(tokens[s]) positions)
+    sample: tuple             # bool per sequence
+
+
+def buckets(limit: int) -> list:
+    """Row counts a flat step is padded to: powers of two, then `limit` itself."""
+    out = [1]
+    while out[-1] < limit:
+        out.append(min(out[-1] * 2, limit))
+    return out
+
+
+class FlatRunner:
+    """Runs FlatBatch steps: every row-wise op (projections, norms, MLP) over the step's flat token
+    rows, rope and attention through the block tables (pacekern_ops/paged_attention.py), the LM
+    head on the sampled rows only. Steps are padded to a fixed set of row counts (`buckets`) whose
+    plans are built once, over views of one set of activation buffers sized by the token budget,
+    so no step builds, compiles or allocates anything, whatever its mix of lengths. Padding rows
+    read token 0 at position 0 and write no KV (slot -1)."""
+
+    def __init__(self, weights: Weights, pool, max_tokens: int, max_seqs: int, max_pos: int, opconfig: OpConfig):
+        from pacekern_ops.paged_attention import paged_attention
+        from pacekern_ops.rope import rope_paged
+        s, w, op = weights.spec, weights, lambda name: preparer(opconfig, name)
+        self.spec, self.pool, self.max_tokens, self.max_seqs = s, pool, max_tokens, max_seqs
+        r, h, d, nh, f, v = max_tokens, s.hidden, s.head_dim, s.n_heads, s.ffn, w.lm_head.n
+        self.cos, self.sin = rope_tables(max_pos, d, s.rope_theta)
+        mb = -(-max_pos // pool.block_size)
+        self.ids, self.pos, self.slot = (torch.zeros(r, dtype=torch.int64), torch.zeros(r, dtype=torch.int32),
+                                         torch.full((r,), -1, dtype=torch.int32))
+        self.bt = torch.zeros(max_seqs, mb, dtype=torch.int32)
+        self.qstart, self.ctx = torch.zeros(max_seqs + 1, dtype=torch.int32), torch.zeros(max_seqs, dtype=torch.int32)
+        self.items, self.nitems = torch.zeros(-(-r // 16) + max_seqs, 3, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        x, res, hn = torch.empty(r, h), torch.empty(r, h), torch.empty(r, h)
+        qkv, q, attn = torch.empty(r, 1, s.qkv_heads, d), torch.empty(r, 1, nh, d), torch.zeros(r, nh, d)
+        gu, act = torch.empty(r, 2 * f), torch.empty(r, f)
+        self.hn, self.last = hn, torch.zeros(max_seqs, h)
+        self.last_rows = torch.zeros(max_seqs, dtype=torch.int64)
+        self.logits, self.next = torch.empty(max_seqs, v), torch.empty(max_seqs, dtype=torch.int64)
+        self.body, self.head = {}, {}
+        for n in buckets(max_tokens):
+            ids, xn, resn, hnn = self.ids[:n], x[:n], res[:n], hn[:n]
+
+            def embed(ids=ids, xn=xn, resn=resn):
+                torch.index_select(w.embed, 0, ids, out=xn)
+                resn.zero_()
+            calls = [embed]
+            for layer, kp, vp in zip(w.layers, pool.k, pool.v):
+                calls += [op("add_rmsnorm")(xn, resn, layer.ln1, s.rms_eps, hnn),
+                          op("linear")(layer.qkv, hnn, qkv[:n].view(n, -1)),
+                          rope_paged.prepare(qkv[:n], self.pos[:n], self.slot[:n], self.cos, self.sin, q[:n], kp, vp),
+                          paged_attention.prepare(q[:n].view(n, nh, d), kp, vp, self.bt, self.qstart, self.ctx,
+                                                  self.items, self.nitems, attn[:n]),
+                          op("linear")(layer.o, attn[:n].view(n, -1), xn),
+                          op("add_rmsnorm")(xn, resn, layer.ln2, s.rms_eps, hnn),
+                          op("linear")(layer.gate_up, hnn, gu[:n]),
+                          op("silu_mul")(gu[:n], act[:n]),
+                          op("linear")(layer.down, act[:n], xn)]
+            calls.append(op("add_rmsnorm")(xn, resn, w.norm, s.rms_eps, hnn))
+            self.body[n] = calls
+        for n in buckets(max_seqs):
+            rows, last, logits, nxt = self.last_rows[:n], self.last[:n], self.logits[:n], self.next[:n]
+            calls = [lambda rows=rows, last=last: torch.index_select(hn, 0, rows, out=last),
+                     op("linear")(w.lm_head, last, logits)]
+            if w.head_ids is None:
+                calls.append(op("argmax")(logits, nxt))
+            else:
+                hrow = torch.empty(n, dtype=torch.int64)
+                calls += [op("argmax")(logits, hrow), lambda hrow=hrow, nxt=nxt: torch.index_select(w.head_ids, 0, hrow, out=nxt)]
+            self.head[n] = calls
+
+    def warm_up(self) -> None:
+        """Run every plan once on padding only (loads or compiles every kernel the steps call)."""
+        self.slot.fill_(-1)
+        self.qstart.zero_()
+        self.nitems.zero_()
+        for calls in list(self.body.values()) + list(self.head.values()):
+            for fn in calls:
+                fn()
+
+    def run(self, batch: FlatBatch):
+        """One step; returns (logits, greedy ids) of the sampled sequences, in their order."""
+        from pacekern_ops.paged_attention import work_items
+        bs, ns = self.pool.block_size, len(batch.tokens)
+        nq = [len(t) for t in batch.tokens]
+        n = sum(nq)
+        if not 0 < n <= self.max_tokens or ns > self.max_seqs:
+            raise ValueError(f"a step of {n} tokens in {ns} sequences exceeds the runner's {self.max_tokens} / {self.max_seqs}")
+        rb = next(b for b in self.body if b >= n)
+        ids, pos, slot, last = [], [], [], []
+        for s, (toks, p0, blocks) in enumerate(zip(batch.tokens, batch.starts, batch.blocks)):
+            ps = range(p0, p0 + len(toks))
+            ids += toks
+            pos += ps
+            slot += [blocks[p // bs] * bs + p % bs for p in ps]
+            self.bt[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if batch.sample[s]:
+                last.append(len(ids) - 1)
+        pad = rb - n
+        self.ids[:rb] = torch.tensor(ids + [0] * pad)
+        self.pos[:rb] = torch.tensor(pos + [0] * pad, dtype=torch.int32)
+        self.slot[:rb] = torch.tensor(slot + [-1] * pad, dtype=torch.int32)
+        self.qstart[: ns + 1] = torch.tensor([0] + list(itertools.accumulate(nq)), dtype=torch.int32)
+        self.qstart[ns + 1:] = n
+        self.ctx[:ns] = torch.tensor(batch.starts, dtype=torch.int32)
+        self.ctx[ns:] = 0
+        self.nitems[0] = work_items(nq, list(batch.starts), self.items)
+        for fn in self.body[rb]:
+            fn()
+        if not last:
+            return self.logits[:0], self.next[:0]
+        hb = next(b for b in self.head if b >= len(last))
+        self.last_rows[:hb] = torch.tensor(last + [last[-1]] * (hb - len(last)))
+        for fn in self.head[hb]:
+            fn()
+        return self.logits[: len(last)], self.next[: len(last)]

@@ -96,3 +96,51 @@ def rope_qkv(qkv: pk.f32[B, T, NH + 2 * KVH, D], start: pk.i32[B], offs: pk.i32[
     else:
         for bt in range(B * T):
             _rope_token(qkv, start, offs, cos, sin, q, kc, vc, bt)
+
+
+# ---- paged KV cache (llm/engine.py) ----------------------------------------------------------------
+# The engine runs one flat list of R tokens per step (decode rows of some sequences, prompt chunks of
+# others). Token r sits at position pos[r] and its key/value go to flat cache slot slot[r] = block *
+# BS + offset of the block pool kp/vp [NB, KVH, BS, D]; slot -1 marks a padding token (nothing
+# written). qkv and q are [R, 1, ...] views so that the rows are rope_qkv's (b, t = 0) rows.
+R, NB, BS = pk.dims("R NB BS")
+
+
+def ref_paged(qkv, pos, slot, cos, sin, q, kp, vp):
+    nh, kvh = q.shape[2], kp.shape[1]
+    x = qkv[:, 0]
+    c, s = cos[pos.long()][:, None], sin[pos.long()][:, None]            # [R, 1, D/2]
+    q_out = _rotate_half_ref(x[:, :nh], c, s)[:, None]
+    k_rot = _rotate_half_ref(x[:, nh: nh + kvh], c, s)
+    kp_out, vp_out = kp.clone(), vp.clone()
+    ok = slot >= 0
+    blk, off = slot[ok].long() // kp.shape[2], slot[ok].long() % kp.shape[2]
+    kp_out[blk, :, off] = k_rot[ok]
+    vp_out[blk, :, off] = x[ok, nh + kvh:]
+    return q_out, kp_out, vp_out
+
+
+@pk.func
+def _rope_paged_token(qkv, pos, slot, cos, sin, q, kp, vp, r):
+    p = pos[r]
+    if p < P:
+        for h in range(NH):
+            _rope_head(qkv, cos, sin, r, 0, h, p, q, r, 0, h)
+        c = slot[r]
+        if c >= 0:
+            for h in range(KVH):
+                _rope_head(qkv, cos, sin, r, 0, NH + h, p, kp, c // BS, h, c % BS)
+                for i in range(0, D, 16):
+                    pk.store(vp[c // BS, h, c % BS, i], pk.f32x16.load(qkv[r, 0, NH + KVH + h, i], n=D - i), n=D - i)
+
+
+@pk.kernel(space=SPACE, ref=ref_paged, key={"R": "pow2"})
+def rope_paged(qkv: pk.f32[R, 1, NH + 2 * KVH, D], pos: pk.i32[R], slot: pk.i32[R], cos: pk.f32[P, D // 2],
+               sin: pk.f32[P, D // 2], q: pk.Out[pk.f32[R, 1, NH, D]], kp: pk.Out[pk.f32[NB, KVH, BS, D]],
+               vp: pk.Out[pk.f32[NB, KVH, BS, D]], *, PAR):
+    if R * (NH + 2 * KVH) * D >= PAR:
+        for r in pk.prange(R):
+            _rope_paged_token(qkv, pos, slot, cos, sin, q, kp, vp, r)
+    else:
+        for r in range(R):
+            _rope_paged_token(qkv, pos, slot, cos, sin, q, kp, vp, r)

@@ -321,3 +321,122 @@ def test_gemv_f32(m, n, k, cfg):
     gemv_f32(x, w, y, config=cfg)
     close(y, (x.double() @ w.double().t()).float(), rtol=1e-4, atol=1e-5)
     pk.check(gemv_f32, x, w, y, config=cfg)
+
+
+# ---- paged KV cache (the engine) -------------------------------------------------------------------
+
+from pacekern_ops.paged_attention import paged_attention, work_items  # noqa: E402
+from pacekern_ops.rope import rope_paged  # noqa: E402
+
+PAGED_CASES = [  # NH, KVH, D, BS, [(cached tokens, new tokens) per sequence]: a step of the engine
+    (9, 3, 64, 16, [(0, 37), (50, 1), (3, 1), (17, 20)]),     # SmolLM2: a prompt, decodes, a chunk
+    (14, 2, 64, 32, [(100, 1)] * 5),                          # Qwen2.5-0.5B, batched decode
+    (6, 2, 40, 8, [(9, 2), (0, 13)]),                         # D = 40 tails, blocks of 8
+]
+if not INTERPRET:
+    PAGED_CASES.append((9, 3, 64, 16, [(0, 200), (300, 1), (31, 33)]))
+PAGED_CONFIGS = {SERIAL: pk.Config(MR=3, NK=4, NV=4, PAR=1 << 62), PARALLEL: pk.Config(MR=4, NK=2, NV=2, PAR=1)}
+
+
+def paged_step(nh, kvh, d, bs, seqs, pad=3, nseq=None, seed=0):
+    """Random q, pools and block tables for one step: each sequence's blocks scattered over the
+    pool; pool rows past every sequence's last position and padding rows of q hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    nseq = nseq or len(seqs) + 2
+    nb = sum(-(-(c + n) // bs) for c, n in seqs) + 4
+    kp, vp = torch.full((nb, kvh, bs, d), float("nan")), torch.full((nb, kvh, bs, d), float("nan"))
+    perm = torch.randperm(nb, generator=g)
+    mb = max(-(-(c + n) // bs) for c, n in seqs)
+    bt = torch.zeros(nseq, mb, dtype=torch.int32)
+    qstart, ctx = torch.zeros(nseq + 1, dtype=torch.int32), torch.zeros(nseq, dtype=torch.int32)
+    i = r = 0
+    for s, (c, n) in enumerate(seqs):
+        k = -(-(c + n) // bs)
+        bt[s, :k] = perm[i:i + k].int()
+        for j in range(c + n):                                 # only the rows a sequence has are finite
+            kp[bt[s, j // bs], :, j % bs] = torch.randn(kvh, d, generator=g) * 2
+            vp[bt[s, j // bs], :, j % bs] = torch.randn(kvh, d, generator=g)
+        i, ctx[s], qstart[s] = i + k, c, r
+        r += n
+    qstart[len(seqs):] = r
+    q = torch.randn(r + pad, nh, d, generator=g)
+    q[r:] = float("nan")
+    items = torch.zeros(64, 3, dtype=torch.int32)
+    nitems = torch.tensor([work_items([n for _, n in seqs] + [0] * (nseq - len(seqs)),
+                                      [c for c, _ in seqs] + [0] * (nseq - len(seqs)), items)], dtype=torch.int32)
+    return q, kp, vp, bt, qstart, ctx, items, nitems
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+@pytest.mark.parametrize("nh,kvh,d,bs,seqs", PAGED_CASES)
+def test_paged_attention(nh, kvh, d, bs, seqs, mode):
+    args = paged_step(nh, kvh, d, bs, seqs)
+    out = torch.empty_like(args[0])
+    pk.check(paged_attention, *args, out, config=PAGED_CONFIGS[mode], rtol=1e-5, atol=2e-6)   # vs torch SDPA
+    assert torch.isfinite(out[: int(args[4][len(seqs)])]).all()
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+def test_paged_attention_is_the_contiguous_kernel(mode):
+    """A sequence's rows are attention.py's rows bit for bit, whatever its block layout and the
+    other sequences in the step: the engine's attention is batch-invariant."""
+    nh, kvh, d, bs = 9, 3, 64, 16
+    seqs = [(0, 37), (50, 1), (3, 1), (17, 20)] if not INTERPRET else [(0, 9), (20, 1)]
+    q, kp, vp, bt, qstart, ctx, items, nitems = paged_step(nh, kvh, d, bs, seqs)
+    out = torch.empty_like(q)
+    paged_attention(q, kp, vp, bt, qstart, ctx, items, nitems, out, config=PAGED_CONFIGS[mode])
+    for s, (c, n) in enumerate(seqs):
+        blocks = bt[s, : -(-(c + n) // bs)].long()
+        kc = kp[blocks].permute(1, 0, 2, 3).reshape(1, kvh, -1, d).contiguous()
+        vc = vp[blocks].permute(1, 0, 2, 3).reshape(1, kvh, -1, d).contiguous()
+        one = torch.empty(1, n, nh, d)
+        a = int(qstart[s])
+        attention(q[a:a + n][None].contiguous(), kc, vc, torch.tensor([c], dtype=torch.int32),
+                  torch.zeros(1, 1, 1, dtype=torch.int32), one)
+        assert torch.equal(one[0], out[a:a + n]), s
+        alone = paged_step(nh, kvh, d, bs, [(c, n)], seed=s + 1)   # the same sequence alone, other blocks
+        alone[0][:n] = q[a:a + n]
+        for j in range(c + n):
+            alone[1][alone[3][0, j // bs], :, j % bs] = kp[bt[s, j // bs], :, j % bs]
+            alone[2][alone[3][0, j // bs], :, j % bs] = vp[bt[s, j // bs], :, j % bs]
+        solo = torch.empty_like(alone[0])
+        paged_attention(*alone, solo, config=PAGED_CONFIGS[SERIAL])
+        assert torch.equal(solo[:n], out[a:a + n]), s
+
+
+def test_work_items_cover_every_token_once():
+    items = torch.zeros(40, 3, dtype=torch.int32)
+    n = work_items([37, 1, 0, 20], [0, 50, 0, 17], items)
+    got = sorted((int(s), int(t)) for s, t0, k in items[:n].tolist() for t in range(t0, t0 + k))
+    assert got == [(0, t) for t in range(37)] + [(1, 0)] + [(3, t) for t in range(20)]
+    with pytest.raises(ValueError, match="do not fit"):
+        work_items([1000], [0], items)
+
+
+@pytest.mark.parametrize("mode", [SERIAL, PARALLEL])
+def test_rope_paged(mode):
+    nh, kvh, d, bs, nb, r = 9, 3, 64, 16, 12, 20
+    qkv = torch.randn(r, 1, nh + 2 * kvh, d)
+    pos = torch.randint(0, 100, (r,), dtype=torch.int32)
+    slot = torch.randperm(nb * bs)[:r].int()
+    slot[-3:] = -1                                             # padding tokens write no KV
+    cos, sin = rope_tables(128, d, 1e4)
+    kp, vp = torch.randn(nb, kvh, bs, d), torch.randn(nb, kvh, bs, d)
+    before = kp.clone()
+    cfg = pk.Config(PAR=1 << 62 if mode == SERIAL else 1)
+    q = torch.empty(r, 1, nh, d)
+    rope_paged(qkv, pos, slot, cos, sin, q, kp, vp, config=cfg)
+    # written twice: the contiguous kernel on each token as its own one-token sequence
+    for i in range(r):
+        kc, vc = torch.zeros(1, kvh, 128, d), torch.zeros(1, kvh, 128, d)
+        qi = torch.empty(1, 1, nh, d)
+        rope_qkv(qkv[i][None], pos[i:i + 1], torch.zeros(1, 1, dtype=torch.int32), cos, sin, qi, kc, vc)
+        assert torch.equal(qi[0, 0], q[i, 0])
+        if slot[i] >= 0:
+            assert torch.equal(kp[slot[i] // bs, :, slot[i] % bs], kc[0, :, pos[i]])
+            assert torch.equal(vp[slot[i] // bs, :, slot[i] % bs], vc[0, :, pos[i]])
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slot[slot >= 0].long()] = False
+    assert torch.equal(kp.permute(0, 2, 1, 3).reshape(nb * bs, kvh, d)[untouched],
+                       before.permute(0, 2, 1, 3).reshape(nb * bs, kvh, d)[untouched])
+    pk.check(rope_paged, qkv, pos, slot, cos, sin, q, kp, vp, config=cfg)
