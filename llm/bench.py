@@ -8,6 +8,7 @@ as a ratio to HF transformers bf16 at the same batch.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -131,4 +132,165 @@ def table(rows, gbs: float) -> str:
                      f"{f'{r.prefill_tok_s / h.prefill_tok_s:.2f}x' if h else '-'} | "
                      f"{f'{roof * r.batch:.0f}' if roof else '-'} | "
                      f"{f'{100 * r.decode_tok_s / (roof * r.batch):.0f}%' if roof else '-'} |")
+    return "\n".join(lines)
+
+
+# ---- `pacekern bench engine`: many requests at once -------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineBenchRow:
+    engine: str
+    requests: int
+    concurrency: int              # running requests / parallel slots / batch rows
+    wall_s: float
+    out_tok_s: float              # generated tokens / wall time
+    total_tok_s: float            # (prompt + generated tokens) / wall time
+    ttft_p50_ms: float | None     # from submission (all at once) to a request's first token
+    ttft_p90_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p90_ms: float | None
+
+
+def engine_prompts(tokenizer, n: int, lo: int = 32, hi: int = 1024, seed: int = 0) -> list:
+    """n prompts of real text (consecutive Botchan windows) with lengths drawn uniformly in [lo, hi]."""
+    import random
+    from .textdata import botchan_text
+    ids = tokenizer(botchan_text(), add_special_tokens=False).input_ids
+    rng = random.Random(seed)
+    lens = [rng.randint(lo, hi) for _ in range(n)]
+    if sum(lens) > len(ids):
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {sum(lens)} the prompts need")
+    starts = list(itertools.accumulate([0] + lens))
+    return [ids[a:a + n_] for a, n_ in zip(starts, lens)]
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def _engine_row(name, n, conc, wall, prompts, new, ttft=(), tpot=()):
+    ms = lambda v: None if v is None else v * 1e3          # noqa: E731
+    return EngineBenchRow(name, n, conc, wall, n * new / wall, (n * new + sum(map(len, prompts))) / wall,
+                          ms(_pct(ttft, 0.5)), ms(_pct(ttft, 0.9)), ms(_pct(tpot, 0.5)), ms(_pct(tpot, 0.9)))
+
+
+def _bench_ours(llm, prompts, new, concurrency, step_tokens):
+    from .engine import Engine, EngineConfig, Request
+    from .sampling import SamplingConfig
+    engine = Engine(llm, EngineConfig(max_running=concurrency, max_tokens_per_step=step_tokens, kv_budget_mb=4096))
+    cfg = SamplingConfig(max_new_tokens=new, min_new_tokens=new, return_text=False)
+    engine.run([Request(prompts[0][:16], SamplingConfig(max_new_tokens=2, return_text=False))])   # warm
+    t0 = time.perf_counter()
+    outs = engine.run([Request(p, cfg, arrival_s=t0) for p in prompts])
+    wall = time.perf_counter() - t0
+    return wall, [o.metrics.ttft_s for o in outs], [o.metrics.tpot_s for o in outs], engine.startup_s
+
+
+@torch.inference_mode()
+def _bench_hf(path, prompts, new, batch):
+    """transformers' padded batched generate, `batch` prompts at a time (left padding), greedy."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    pad = model.generation_config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+
+    def gen(rows, n):
+        width = max(map(len, rows))
+        x = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             num_beams=1, pad_token_id=pad)
+        if out.shape[1] != width + n:
+            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected width {width + n}")
+    gen([prompts[0][:16]], 2)                                # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        gen(prompts[i:i + batch], new)
+    return time.perf_counter() - t0
+
+
+def _bench_llamacpp(gguf, prompts, new, slots):
+    """llama.cpp's server (xllamacpp) with `slots` parallel slots, every request submitted at once
+    from its own thread; TTFT from submission to llama.cpp's first token (its queue + prompt_ms)."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    import xllamacpp as xlc
+    p = xlc.CommonParams()
+    p.model.path = str(gguf)
+    p.n_ctx = slots * (max(map(len, prompts)) + new + 16)     # split evenly among the slots
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 2
+    p.n_parallel = slots
+    p.verbosity = -1
+    srv = xlc.Server(p)
+    base = {"max_tokens": new, "temperature": 0.0, "top_k": 1, "ignore_eos": True, "cache_prompt": False}
+    try:
+        srv.handle_completions({**base, "prompt": prompts[0][:16], "max_tokens": 2})
+        t0 = time.perf_counter()
+
+        def one(ids):
+            r = srv.handle_completions({**base, "prompt": ids})
+            r = json.loads(r) if isinstance(r, str) else r
+            if "error" in r or r["usage"]["completion_tokens"] != new:
+                raise RuntimeError(f"llama.cpp completion failed: {str(r)[:300]}")
+            done = time.perf_counter() - t0
+            t = r["timings"]
+            return done - t["predicted_ms"] / 1e3, t["predicted_ms"] / 1e3 / max(new - 1, 1)
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            res = list(ex.map(one, prompts))
+        wall = time.perf_counter() - t0
+    finally:
+        del srv
+    return wall, [a for a, _ in res], [b for _, b in res], xlc.__version__
+
+
+def bench_engine(model_name=None, requests: int = 64, new_tokens: int = 128, concurrency: int = 16,
+                 step_tokens: int = 256, lo: int = 32, hi: int = 1024,
+                 engines=("pacekern bf16", "hf bf16", "llama.cpp"), progress=print) -> list:
+    """`requests` real-text prompts of lo..hi tokens, all submitted at once, `new_tokens` each:
+    our engine (max_running = concurrency), HF transformers' padded batched generate (batches of
+    `concurrency`) and llama.cpp's server (`concurrency` slots) on the same token ids, one after
+    the other in this run."""
+    from . import models
+    from .generate import LLMModel
+    known = ("pacekern bf16", "pacekern int8", "pacekern int4", "hf bf16", "llama.cpp")
+    if not engines or any(e not in known for e in engines):
+        raise ValueError(f"engines={engines!r}: choose from {', '.join(known)}")
+    first = LLMModel(model_name)
+    prompts = engine_prompts(first.tokenizer, requests, lo, hi)
+    rows = []
+    for e in engines:
+        progress(f"{e}: {requests} requests, {sum(map(len, prompts))} prompt tokens, {new_tokens} new tokens each")
+        if e.startswith("pacekern"):
+            w = e.split()[1]
+            llm = first if w == "bf16" else LLMModel(model_name, weights=w)
+            wall, ttft, tpot, startup = _bench_ours(llm, prompts, new_tokens, concurrency, step_tokens)
+            progress(f"{e}: engine start {startup:.1f} s (not counted)")
+            rows.append(_engine_row(e, requests, concurrency, wall, prompts, new_tokens, ttft, tpot))
+        elif e == "hf bf16":
+            rows.append(_engine_row(e, requests, concurrency, _bench_hf(first.path, prompts, new_tokens, concurrency),
+                                    prompts, new_tokens))
+        else:
+            src = models.MODELS.get(model_name or models.DEFAULT_MODEL)
+            if src is None:
+                progress("llama.cpp: skipped (the model is not from the catalogue, so there is no GGUF)")
+                continue
+            wall, ttft, tpot, ver = _bench_llamacpp(models.fetch_gguf(src), prompts, new_tokens, concurrency)
+            rows.append(_engine_row(f"llama.cpp {ver} ({src.name} GGUF)", requests, concurrency, wall, prompts,
+                                    new_tokens, ttft, tpot))
+        progress(engine_table(rows[-1:]))
+    return rows
+
+
+def engine_table(rows) -> str:
+    f = lambda v: "-" if v is None else f"{v:.0f}"          # noqa: E731
+    base = {r.engine.split()[0]: r for r in rows}
+    lines = ["| engine | requests | concurrency | wall s | output tok/s | total tok/s | TTFT p50/p90 ms | TPOT p50/p90 ms | "
+             "output vs HF | output vs llama.cpp |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf, lc = base.get("hf"), base.get("llama.cpp")
+        lines.append(f"| {r.engine} | {r.requests} | {r.concurrency} | {r.wall_s:.1f} | {r.out_tok_s:.1f} | "
+                     f"{r.total_tok_s:.0f} | {f(r.ttft_p50_ms)} / {f(r.ttft_p90_ms)} | {f(r.tpot_p50_ms)} / {f(r.tpot_p90_ms)} | "
+                     f"{f'{r.out_tok_s / hf.out_tok_s:.2f}x' if hf else '-'} | "
+                     f"{f'{r.out_tok_s / lc.out_tok_s:.2f}x' if lc else '-'} |")
     return "\n".join(lines)

@@ -113,9 +113,23 @@ def cmd_bench_llm(args):
     print(table(rows, gbs))
 
 
+LLM_ENGINES = "pacekern bf16,pacekern int8,pacekern int4,hf bf16,llama.cpp"
+
+
+def cmd_bench_engine(args):
+    from llm.bench import bench_engine, engine_table
+    engines = "pacekern bf16,hf bf16,llama.cpp" if args.engines == LLM_ENGINES else args.engines
+    rows = bench_engine(args.model, requests=args.requests, new_tokens=args.new_tokens, concurrency=args.concurrency,
+                        engines=tuple(e.strip() for e in engines.split(",")),
+                        progress=lambda m: print(f"[bench engine] {m}", file=sys.stderr, flush=True))
+    print(engine_table(rows))
+
+
 def cmd_bench(args):
     if args.ops == ["llm"]:
         return cmd_bench_llm(args)
+    if args.ops == ["engine"]:
+        return cmd_bench_engine(args)
     if args.ops and args.ops[0] == "dlrm":
         from dlrm.cli import main as dlrm_main
         return dlrm_main(["bench", *args.ops[1:]])
@@ -269,7 +283,7 @@ def main(argv=None):
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("ops", nargs="*", help="op names (default: all; see pacekern_ops/registry.py), or `llm` / `dlrm`")
+        p.add_argument("ops", nargs="*", help="op names (default: all; see pacekern_ops/registry.py), or `llm` / `engine` / `dlrm`")
         p.add_argument("--sizes", help="e.g. M=1,N=8960,K=1536 (default: the op's sizes)")
         if name in ("bench", "tune"):
             p.add_argument("--budget", type=float, default=None, help="tuning budget per kernel, seconds")
@@ -280,8 +294,12 @@ def main(argv=None):
             p.add_argument("--no-tune", action="store_true", help="time the cached/default configs only")
             p.add_argument("--rounds", type=int, default=7)
             p.add_argument("--model", default=None, help="with `bench llm`: the model (default: the catalogue default)")
-            p.add_argument("--engines", default="pacekern bf16,pacekern int8,pacekern int4,hf bf16,llama.cpp",
-                           help="with `bench llm`: comma-separated engines to time")
+            p.add_argument("--engines", default=LLM_ENGINES,
+                           help="with `bench llm` / `bench engine`: comma-separated engines to time")
+            p.add_argument("--requests", type=int, default=64, help="with `bench engine`: requests, all at once")
+            p.add_argument("--new-tokens", type=int, default=128, help="with `bench engine`: tokens per request")
+            p.add_argument("--concurrency", type=int, default=16,
+                           help="with `bench engine`: running requests / llama.cpp slots / HF batch rows")
         p.set_defaults(fn=fn)
     s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
     s.add_argument("op")

@@ -151,3 +151,15 @@ def test_sampled_requests_follow_their_seed(smol_f32):
     assert list(outs[0].token_ids) == smol_f32.generate(PROMPTS[0], cfgs[0]).token_ids
     assert list(outs[2].token_ids) == smol_f32.generate(PROMPTS[0], cfgs[1]).token_ids
     assert outs[0].token_ids != outs[2].token_ids
+
+
+def test_bench_engine_runs_every_engine():
+    """`pacekern bench engine` end to end at a tiny size: every engine serves the same prompts and
+    the table has a row and ratios for each (the figures themselves go in docs/results)."""
+    from llm.bench import bench_engine, engine_table
+    rows = bench_engine(requests=3, new_tokens=4, concurrency=2, lo=8, hi=40, progress=lambda m: None)
+    assert [r.engine.split()[0] for r in rows] == ["pacekern", "hf", "llama.cpp"]
+    assert all(r.out_tok_s > 0 and r.total_tok_s > r.out_tok_s for r in rows)
+    assert "x |" in engine_table(rows)
+    with pytest.raises(ValueError, match="choose from"):
+        bench_engine(engines=("vllm",))
