@@ -152,11 +152,13 @@ class FlatBatch:
     sample: tuple             # bool per sequence
 
 
-def buckets(limit: int) -> list:
-    """Row counts a flat step is padded to: powers of two, then `limit` itself."""
+def buckets(limit: int, step: int = 16) -> list:
+    """Row counts a flat step is padded to: powers of two up to `step`, then multiples of `step`,
+    then `limit` itself, so padding costs at most step - 1 rows (a 129-token prompt runs 144 rows,
+    not 256: with power-of-two buckets its TTFT was 1.9x a 128-token one's)."""
     out = [1]
     while out[-1] < limit:
-        out.append(min(out[-1] * 2, limit))
+        out.append(min(out[-1] * 2 if out[-1] < step else out[-1] + step, limit))
     return out
 
 
