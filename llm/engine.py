@@ -206,8 +206,8 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, max_tokens_per_seq: int):
-        self.config, self.pool, self.max_tokens_per_seq = config, pool, max_tokens_per_seq
+    def __init__(self, config: EngineConfig, pool: BlockPool):
+        self.config, self.pool = config, pool
         self.waiting: deque = deque()
         self.running: list = []
 
@@ -287,7 +287,7 @@ class Engine:
         spec = self.llm.spec
         self.max_tokens_per_seq = self.llm.cache.max_tokens
         self.pool = BlockPool(spec, config)
-        self.scheduler = Scheduler(config, self.pool, self.max_tokens_per_seq)
+        self.scheduler = Scheduler(config, self.pool)
         self.runner = FlatRunner(self.llm.weights, self.pool, config.max_tokens_per_step, config.max_running,
                                  self.max_tokens_per_seq, self.llm.model.opconfig)
         self.runner.warm_up()
@@ -366,10 +366,10 @@ class Engine:
                 seq.registered = full
             if not c.sample:
                 continue
-            st = state = seq.state
-            tok = st.pick(logits[row], greedy[row])
+            state = seq.state
+            tok = state.pick(logits[row], greedy[row])
             row += 1
-            st.accept(tok)
+            state.accept(tok)
             seq.token_times.append(time.perf_counter())
             delta = state.text[state.emitted:]
             state.emitted = len(state.text)

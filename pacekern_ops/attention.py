@@ -73,11 +73,11 @@ SPACE = pk.Space(QB=pk.choice(8, 16, 32), KB=pk.choice(64, 128, 256), MR=pk.choi
 
 
 @pk.func
-def _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, n):
-    """a[i, k] += qs[r0 + i, d:d+n] * kc[b, kvh, s0 + j0 + k, d:d+n] (lanes past n are 0)"""
+def _qk_step(qs, kc, a, b, kvh, ko, r0, j0, rows, nhi, d, n):
+    """a[i, k] += qs[r0 + i, d:d+n] * kc[b, kvh, ko + j0 + k, d:d+n] (lanes past n are 0)"""
     kv = pk.tile(pk.f32x16, NK)
     for k in pk.unroll(NK):
-        kv[k] = pk.f32x16.load(kc[b, kvh, s0 + min(j0 + k, nhi - 1), d], n=n)
+        kv[k] = pk.f32x16.load(kc[b, kvh, ko + min(j0 + k, nhi - 1), d], n=n)
     for i in pk.unroll(MR):
         qv = pk.f32x16.load(qs[min(r0 + i, rows - 1), d], n=n)
         for k in pk.unroll(NK):
@@ -85,16 +85,17 @@ def _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, n):
 
 
 @pk.func
-def _scores(qs, kc, sc, b, kvh, s0, rows, p0, G):
-    """sc[r, s0 + j] = qs[r] . kc[s0 + j] for every key j of the block the tile of rows holding r may see"""
+def _scores(qs, kc, sc, b, kvh, ko, s0, kb, rows, p0, G):
+    """sc[r, s0 + j] = qs[r] . kc[b, kvh, ko + j] for every key j < kb of the block starting at key
+    s0 that the tile of rows holding r may see (the paged kernel passes a pool block as b, ko = 0)"""
     for r0 in range(0, rows, MR):
-        nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)       # keys the tile's last row sees
+        nhi = min(kb, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)       # keys the tile's last row sees
         for j0 in range(0, nhi, NK):
             a = pk.tile(pk.f32x16, MR, NK)
             for d in range(0, D - 15, 16):
-                _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, d, 16)
+                _qk_step(qs, kc, a, b, kvh, ko, r0, j0, rows, nhi, d, 16)
             if D % 16 != 0:
-                _qk_step(qs, kc, a, b, kvh, s0, r0, j0, rows, nhi, D - D % 16, D % 16)
+                _qk_step(qs, kc, a, b, kvh, ko, r0, j0, rows, nhi, D - D % 16, D % 16)
             for i in pk.unroll(MR):
                 if r0 + i < rows:
                     for k in pk.unroll(NK):
@@ -130,11 +131,11 @@ def _tree_mask(anc, sc, b, t, r, j0, n):
 
 
 @pk.func
-def _pv(vc, sc, acc, ls, b, kvh, s0, rows, p0, G):
-    """acc[r] += sum_j sc[r, s0 + j] * vc[b, kvh, s0 + j] and ls[r] += sum_j sc[r, s0 + j] over the
+def _pv(vc, sc, acc, ls, b, kvh, ko, s0, kb, rows, p0, G):
+    """acc[r] += sum_j sc[r, s0 + j] * vc[b, kvh, ko + j] and ls[r] += sum_j sc[r, s0 + j] over the
     keys of the block the tile of rows may see, in key order"""
     for r0 in range(0, rows, MR):
-        nhi = min(KB, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
+        nhi = min(kb, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
         for d0 in range(0, D, 16 * NV):
             o = pk.tile(pk.f32x16, MR, NV)
             lv = pk.tile(pk.f32x16, MR)
@@ -145,7 +146,7 @@ def _pv(vc, sc, acc, ls, b, kvh, s0, rows, p0, G):
             for j in range(nhi):
                 vv = pk.tile(pk.f32x16, NV)
                 for v in pk.unroll(NV):
-                    vv[v] = pk.f32x16.load(vc[b, kvh, s0 + j, min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
+                    vv[v] = pk.f32x16.load(vc[b, kvh, ko + j, min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
                 for i in pk.unroll(MR):
                     p = pk.f32x16.bcast(sc[min(r0 + i, rows - 1), s0 + j])
                     lv[i] = lv[i] + p
@@ -185,14 +186,14 @@ def _attend(q, kc, vc, start, anc, out, it, nqb):
             pk.store(acc[r, d], pk.f32x16.zeros(), n=D - d)
         pk.store(ls[r, 0], pk.f32x16.zeros())
     for s0 in range(0, nk, KB):
-        _scores(qs, kc, sc, b, kvh, s0, rows, p0, G)
+        _scores(qs, kc, sc, b, kvh, s0, s0, KB, rows, p0, G)
     for r in range(rows):
         n = p0 + r // G + 1
         if TA > 1:
             _tree_mask(anc, sc, b, t0 + r // G, r, start[b], n)
         _softmax(sc, r, n, nk)
     for s0 in range(0, nk, KB):
-        _pv(vc, sc, acc, ls, b, kvh, s0, rows, p0, G)
+        _pv(vc, sc, acc, ls, b, kvh, s0, s0, KB, rows, p0, G)
     for r in range(rows):
         inv = 1.0 / pk.hmax(pk.f32x16.load(ls[r, 0]))
         for d in range(0, D, 16):

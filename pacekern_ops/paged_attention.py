@@ -11,7 +11,7 @@ step's keys are already written (rope_paged). Then, for every query token t of s
 with g = h // (NH // KVH). Rows of out outside every sequence (a step's padding tokens) are left
 alone.
 
-It is attention.py's kernel with the key loop walking blocks: work items are (sequence, first query
+It is attention.py's kernel (the same score and P @ V helpers) with the key loop walking blocks: work items are (sequence, first query
 token, number of tokens) triples, listed by the caller in items[0 : nitems[0]] (`work_items` cuts
 the sequences into blocks of up to 16 tokens, ordered so that a static split of the list gives
 each thread a similar share), times the KVH kv heads. The numerics are attention.py's (same helpers, strict_fp, keys in order, the exact maximum,
@@ -23,7 +23,7 @@ import torch
 
 import pacekern as pk
 
-from .attention import _softmax
+from .attention import _pv, _scores, _softmax
 
 R, NH, KVH, D, NB, BS, NS, MB, NI = pk.dims("R NH KVH D NB BS NS MB NI")
 
@@ -68,66 +68,6 @@ SPACE = pk.Space(MR=pk.choice(2, 3, 4, 6), NK=pk.choice(2, 4), NV=pk.choice(2, 4
 
 
 @pk.func
-def _qk_step(qs, kp, a, page, kvh, j0, r0, rows, nhi, d, n):
-    """a[i, k] += qs[r0 + i, d:d+n] * kp[page, kvh, j0 + k, d:d+n] (lanes past n are 0)"""
-    kv = pk.tile(pk.f32x16, NK)
-    for k in pk.unroll(NK):
-        kv[k] = pk.f32x16.load(kp[page, kvh, min(j0 + k, nhi - 1), d], n=n)
-    for i in pk.unroll(MR):
-        qv = pk.f32x16.load(qs[min(r0 + i, rows - 1), d], n=n)
-        for k in pk.unroll(NK):
-            a[i, k] = pk.fma(qv, kv[k], a[i, k])
-
-
-@pk.func
-def _scores(qs, kp, sc, page, kvh, s0, rows, p0, G):
-    """sc[r, s0 + j] = qs[r] . key s0 + j (in block `page`) for every key of the block the tile of
-    rows holding r may see"""
-    for r0 in range(0, rows, MR):
-        nhi = min(BS, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
-        for j0 in range(0, nhi, NK):
-            a = pk.tile(pk.f32x16, MR, NK)
-            for d in range(0, D - 15, 16):
-                _qk_step(qs, kp, a, page, kvh, j0, r0, rows, nhi, d, 16)
-            if D % 16 != 0:
-                _qk_step(qs, kp, a, page, kvh, j0, r0, rows, nhi, D - D % 16, D % 16)
-            for i in pk.unroll(MR):
-                if r0 + i < rows:
-                    for k in pk.unroll(NK):
-                        if j0 + k < nhi:
-                            sc[r0 + i, s0 + j0 + k] = pk.hsum(a[i, k])
-
-
-@pk.func
-def _pv(vp, sc, acc, ls, page, kvh, s0, rows, p0, G):
-    """acc[r] += sum_j sc[r, s0 + j] * value s0 + j and ls[r] += sum_j sc[r, s0 + j], in key order"""
-    for r0 in range(0, rows, MR):
-        nhi = min(BS, p0 + (min(r0 + MR, rows) - 1) // G + 1 - s0)
-        for d0 in range(0, D, 16 * NV):
-            o = pk.tile(pk.f32x16, MR, NV)
-            lv = pk.tile(pk.f32x16, MR)
-            for i in pk.unroll(MR):
-                lv[i] = pk.f32x16.load(ls[min(r0 + i, rows - 1), 0])
-                for v in pk.unroll(NV):
-                    o[i, v] = pk.f32x16.load(acc[min(r0 + i, rows - 1), min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
-            for j in range(nhi):
-                vv = pk.tile(pk.f32x16, NV)
-                for v in pk.unroll(NV):
-                    vv[v] = pk.f32x16.load(vp[page, kvh, j, min(d0 + 16 * v, D - 1)], n=D - d0 - 16 * v)
-                for i in pk.unroll(MR):
-                    p = pk.f32x16.bcast(sc[min(r0 + i, rows - 1), s0 + j])
-                    lv[i] = lv[i] + p
-                    for v in pk.unroll(NV):
-                        o[i, v] = pk.fma(p, vv[v], o[i, v])
-            for i in pk.unroll(MR):
-                if r0 + i < rows:
-                    if d0 == 0:
-                        pk.store(ls[r0 + i, 0], lv[i])
-                    for v in pk.unroll(NV):
-                        pk.store(acc[r0 + i, min(d0 + 16 * v, D - 1)], o[i, v], n=D - d0 - 16 * v)
-
-
-@pk.func
 def _attend(q, kp, vp, bt, qstart, ctx, items, out, it):
     """Work item it // KVH of the table, kv head it % KVH."""
     G = NH // KVH
@@ -149,11 +89,11 @@ def _attend(q, kp, vp, bt, qstart, ctx, items, out, it):
             pk.store(acc[r, d], pk.f32x16.zeros(), n=D - d)
         pk.store(ls[r, 0], pk.f32x16.zeros())
     for s0 in range(0, nk, BS):
-        _scores(qs, kp, sc, bt[s, s0 // BS], kvh, s0, rows, p0, G)
+        _scores(qs, kp, sc, bt[s, s0 // BS], kvh, 0, s0, BS, rows, p0, G)     # block j // BS, row j % BS
     for r in range(rows):
         _softmax(sc, r, p0 + r // G + 1, nk)
     for s0 in range(0, nk, BS):
-        _pv(vp, sc, acc, ls, bt[s, s0 // BS], kvh, s0, rows, p0, G)
+        _pv(vp, sc, acc, ls, bt[s, s0 // BS], kvh, 0, s0, BS, rows, p0, G)
     for r in range(rows):
         inv = 1.0 / pk.hmax(pk.f32x16.load(ls[r, 0]))
         for d in range(0, D, 16):

@@ -43,6 +43,19 @@ def assert_vnni_inner_loop(kernel, tile: int):
 MODEL_TESTS = ("test_llm.py", "test_speculative.py", "test_llm_quality.py", "test_engine.py")
 
 
+@pytest.fixture(scope="module")
+def smol_f32():
+    """SmolLM2-135M in fp32 (one per test module: the whole-model tests share it)."""
+    from pacekern.llm import LLMModel
+    return LLMModel(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smol_bf16():
+    from pacekern.llm import LLMModel
+    return LLMModel(dtype="bfloat16")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

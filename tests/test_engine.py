@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from pacekern.llm import Engine, EngineConfig, LLMModel, OverloadedError, Request, SamplingConfig
+from pacekern.llm import Engine, EngineConfig, OverloadedError, Request, SamplingConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little girl named", "def fibonacci(n):",
@@ -17,16 +17,6 @@ PROMPTS = ["The capital of France is", "Once upon a time, there was a little gir
            "A haiku about autumn leaves:\n", "Rust and C++ differ in", "The mitochondria is"]
 NEW = 16
 GREEDY = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW)
-
-
-@pytest.fixture(scope="module")
-def smol_f32():
-    return LLMModel(dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def smol_bf16():
-    return LLMModel(dtype="bfloat16")
 
 
 def staggered(engine, prompts, sampling=GREEDY, every=2):

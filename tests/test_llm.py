@@ -28,16 +28,6 @@ def hf_greedy(hf, ids, new):
 
 
 @pytest.fixture(scope="module")
-def smol_f32():
-    return LLMModel(dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def smol_bf16():
-    return LLMModel(dtype="bfloat16")
-
-
-@pytest.fixture(scope="module")
 def smol_hf_f32(smol_f32):
     return hf_model(smol_f32.path, torch.float32)
 
