@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -65,6 +65,7 @@ class Request:
     sampling: SamplingConfig = SamplingConfig()
     request_id: str | None = None     # None: the engine numbers it
     arrival_s: float | None = None    # time.perf_counter() at arrival; None: when added
+    logprobs: int | None = None       # return each output token's log-probability and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class RequestOutput:
     token_ids: tuple = ()             # all tokens so far, once finished
     text: str | None = None           # the whole text, once finished
     metrics: RequestMetrics | None = None   # once finished
+    logprobs: tuple = ()              # per new token, if asked: (its logprob, ((token, logprob), ...) top first)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class Sequence:
         self.scheduled_at = None
         self.token_times: list = []
         self.preemptions = 0
+        self.logprobs = None                                # top alternatives to report per token, if any
 
     @property
     def tokens(self) -> list:
@@ -301,6 +304,8 @@ class Engine:
         """Queue a request (validated now: a bad one raises here and touches nothing); returns its id."""
         if not isinstance(request, Request):
             raise TypeError(f"add_request takes a Request, not {type(request).__name__}")
+        if request.logprobs is not None and not (isinstance(request.logprobs, int) and 0 <= request.logprobs <= 20):
+            raise ValueError(f"Request.logprobs={request.logprobs!r}: must be an integer in [0, 20] or None")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise OverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting "
                                   f"(EngineConfig.max_waiting={self.config.max_waiting})")
@@ -317,6 +322,7 @@ class Engine:
                              f"blocks than the whole cache has ({self.pool.num_blocks}; EngineConfig.kv_budget_mb)")
         seq = Sequence(rid, prompt, RowState(self.llm, cfg, prompt, 0),
                        request.arrival_s if request.arrival_s is not None else time.perf_counter())
+        seq.logprobs = request.logprobs
         self.seqs[rid] = seq
         self.scheduler.waiting.append(seq)
         return rid
@@ -367,19 +373,20 @@ class Engine:
             if not c.sample:
                 continue
             state = seq.state
-            tok = state.pick(logits[row], greedy[row])
+            scores, tok = logits[row], state.pick(logits[row], greedy[row])
             row += 1
             state.accept(tok)
             seq.token_times.append(time.perf_counter())
             delta = state.text[state.emitted:]
             state.emitted = len(state.text)
+            lp = () if seq.logprobs is None else (token_logprobs(scores, tok, seq.logprobs),)
             if state.finish is not None:
-                outs.append(self._finished(seq, (tok,), delta))
+                outs.append(self._finished(seq, (tok,), delta, lp))
             else:
-                outs.append(RequestOutput(seq.id, (tok,), delta, None))
+                outs.append(RequestOutput(seq.id, (tok,), delta, None, logprobs=lp))
         return outs
 
-    def _finished(self, seq: Sequence, new: tuple, delta: str = "") -> RequestOutput:
+    def _finished(self, seq: Sequence, new: tuple, delta: str = "", logprobs: tuple = ()) -> RequestOutput:
         self.seqs.pop(seq.id, None)
         if seq in self.scheduler.running:
             self.scheduler.running.remove(seq)
@@ -393,7 +400,7 @@ class Engine:
             max_itl_s=max(gaps, default=float("nan")), prompt_tokens=len(seq.prompt),
             cached_prompt_tokens=seq.cached_prompt or 0, new_tokens=len(st.out), preemptions=seq.preemptions)
         return RequestOutput(seq.id, new, delta, st.finish, tuple(st.out),
-                             st.text if st.cfg.return_text else None, m)
+                             st.text if st.cfg.return_text else None, m, logprobs)
 
     def run(self, requests) -> list:
         """Add every request, step until all finish; the finished RequestOutputs in request order."""
@@ -404,6 +411,14 @@ class Engine:
                 if o.finish_reason is not None:
                     done[o.request_id] = o
         return [done[i] for i in ids]
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
+    """(logprob of `token`, its `top` likeliest alternatives) under the model's own distribution:
+    log_softmax of the raw logits, before penalties or temperature (as vLLM and OpenAI report)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    alts = torch.topk(lp, top) if top else None
+    return (float(lp[token]), tuple(zip(alts.indices.tolist(), alts.values.tolist())) if top else ())
 
 
 class OverloadedError(RuntimeError):

@@ -56,6 +56,30 @@ class GenerationOutput:
     prompt_ids: list = field(repr=False, default_factory=list)
 
 
+def encode_prompt(tokenizer, vocab: int, prompt, name: str = "this model") -> list:
+    """A string, chat messages or token ids -> token ids (validated); needs only the tokenizer, so
+    the server's front end encodes without the weights."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{name} has no chat template; pass a plain string prompt")
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    elif isinstance(prompt, (list, tuple, torch.Tensor)):
+        ids = [int(i) for i in (prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0 .. {vocab - 1})")
+    else:
+        raise TypeError(f"a prompt must be a string, chat messages or token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
 class LLMModel:
     def __init__(self, model_name_or_path=None, tokenizer_name_or_path=None, dtype: str = "bfloat16",
                  weights: str = "native", kv_cache: KVCacheConfig | None = None, opconfig: OpConfig | None = None,
@@ -124,25 +148,7 @@ class LLMModel:
     # ---- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt) -> list:
         """A string, chat messages or token ids -> token ids (validated)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"{self.path.name} has no chat template; pass a plain string prompt")
-            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        elif isinstance(prompt, (list, tuple, torch.Tensor)):
-            ids = [int(i) for i in (prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt)]
-            bad = [i for i in ids if not 0 <= i < self.spec.vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0 .. {self.spec.vocab - 1})")
-        else:
-            raise TypeError(f"a prompt must be a string, chat messages or token ids, not {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
+        return encode_prompt(self.tokenizer, self.spec.vocab, prompt, self.path.name)
 
     def _batch(self, prompts) -> tuple:
         """(list of token-id lists, whether a single prompt was given)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 DEFAULTS = dict(max_new_tokens=128, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                repetition_penalty=1.0, frequency_penalty=0.0, stop_strings=(), seed=None, return_text=True)
+                repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, stop_strings=(), seed=None, return_text=True)
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SamplingConfig:
     min_p: float | None = None              # 0.0: off; keeps tokens with p >= min_p * p_max
     repetition_penalty: float | None = None # 1.0: off; HF's (divide positive logits, multiply negative)
     frequency_penalty: float | None = None  # 0.0: off; OpenAI's (subtract penalty * count)
+    presence_penalty: float | None = None   # 0.0: off; OpenAI's (subtract penalty once a token has appeared)
     stop_strings: tuple | None = None       # generation stops after any of these appears in the text
     seed: int | None = None
     return_text: bool | None = None
@@ -61,14 +62,16 @@ class SamplingConfig:
             bad("min_p", "must be in [0, 1)")
         if not self.repetition_penalty > 0:
             bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop_strings", "must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample and self.repetition_penalty == 1.0 and self.frequency_penalty == 0.0
+        return not self.do_sample and self.repetition_penalty == 1.0 and self.frequency_penalty == 0.0 \
+            and self.presence_penalty == 0.0
 
 
 class Sampler:
@@ -90,6 +93,8 @@ class Sampler:
             x[self.seen] = torch.where(s > 0, s / c.repetition_penalty, s * c.repetition_penalty)
         if c.frequency_penalty != 0.0:
             x -= c.frequency_penalty * self.counts
+        if c.presence_penalty != 0.0:                          # as OpenAI: output tokens only, not the prompt
+            x -= c.presence_penalty * (self.counts > 0)
         if not c.do_sample:
             return int(torch.argmax(x))
         x /= c.temperature

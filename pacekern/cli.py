@@ -1,4 +1,4 @@
-"""`pacekern` command line: demo, generate, bench, tune, check, show, cache, models, env."""
+"""`pacekern` command line: demo, generate, serve, bench, tune, check, show, cache, models, env."""
 from __future__ import annotations
 
 import argparse
@@ -204,6 +204,45 @@ def _generate_args(p, prompt_default=None):
     p.add_argument("--draft-weights", default=None, choices=["native", "int8", "int4"], help="the draft's weights (default: as --weights)")
 
 
+def cmd_serve(args):
+    """An OpenAI-compatible server on the engine (llm/server.py)."""
+    from llm.engine import EngineConfig
+    from llm.server import ServerConfig, serve
+    try:
+        engine = EngineConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
+                              kv_budget_mb=args.kv_budget_mb, prefix_caching=not args.no_prefix_caching)
+        cfg = ServerConfig(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads, engine=engine,
+                           api_key=args.api_key, max_queued=args.max_queued, max_queue_wait_s=args.max_queue_wait_s,
+                           request_timeout_s=args.request_timeout_s, served_name=args.served_model_name)
+    except ValueError as e:
+        sys.exit(f"pacekern serve: {e}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"[pacekern serve] warning: listening on {args.host} without --api-key", file=sys.stderr)
+    serve(cfg, host=args.host, port=args.port, grace_s=args.grace_s)
+
+
+def _serve_args(p):
+    p.add_argument("--model", default=None, help="catalogue name (pacekern models), HF directory, .gguf file or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--weights", default="native", choices=["native", "int8", "int4"])
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
+    p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: --model)")
+    p.add_argument("--max-running", type=int, default=16, help="requests decoding or prefilling at once")
+    p.add_argument("--max-tokens-per-step", type=int, default=256,
+                   help="token budget of one engine step (decode rows + prompt chunks: chunked prefill)")
+    p.add_argument("--kv-budget-mb", type=int, default=1024, help="memory for the paged KV cache, all layers")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    p.add_argument("--max-queued", type=int, default=64, help="waiting requests beyond this are refused with 429")
+    p.add_argument("--max-queue-wait-s", type=float, default=1.5,
+                   help="refuse (429 + Retry-After) a request whose predicted queue wait exceeds this")
+    p.add_argument("--request-timeout-s", type=float, default=300.0, help="abort a request running longer (504)")
+    p.add_argument("--grace-s", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT: seconds in-flight requests may finish before they are aborted")
+
+
 def cmd_demo(args):
     """Generate text with the default model on pacekern kernels; --kernels: the kernel table instead."""
     if not args.kernels:
@@ -279,6 +318,9 @@ def main(argv=None):
     g = sub.add_parser("generate", help="stream a completion from an LLM on pacekern kernels")
     _generate_args(g)
     g.set_defaults(fn=cmd_generate)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, SSE, /metrics, a chat page)")
+    _serve_args(sv)
+    sv.set_defaults(fn=cmd_serve)
     for name, fn, hlp in [("bench", cmd_bench, "time ops beside PyTorch: ratio, rate, %% of this machine's limits"),
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:

@@ -40,7 +40,7 @@ def assert_vnni_inner_loop(kernel, tile: int):
 
 # whole-model tests: a 135M-parameter model through the NumPy interpreter would take hours; the
 # interpreter run checks every kernel on its own (tests/test_llm_ops.py) instead
-MODEL_TESTS = ("test_llm.py", "test_speculative.py", "test_llm_quality.py", "test_engine.py")
+MODEL_TESTS = ("test_llm.py", "test_speculative.py", "test_llm_quality.py", "test_engine.py", "test_server.py")
 
 
 @pytest.fixture(scope="module")

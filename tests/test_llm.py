@@ -127,6 +127,33 @@ def test_sampling_reproducible(smol_f32):
     assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
 
 
+def test_greedy_penalties_as_openai_and_hf_define_them():
+    """The sampler's penalties against the formulas written out: HF's repetition penalty over the
+    prompt and output, OpenAI's frequency (per count) and presence (once) penalties over the output."""
+    from llm.sampling import Sampler
+    g = torch.Generator().manual_seed(0)
+    prompt, out = [3, 4], [7, 7, 9]
+    cfg = SamplingConfig(max_new_tokens=4, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.8).resolved()
+    assert not cfg.greedy
+    s = Sampler(cfg, 50, prompt)
+    for t in out:
+        s.observe(t)
+    picks = set()
+    for _ in range(40):                                 # logits where the penalised tokens are often on top
+        logits = torch.randn(50, generator=g)
+        logits[[3, 4, 7, 9]] += 2.5 * torch.rand(4, generator=g)
+        x = logits.clone()
+        for t in (3, 4, 7, 9):
+            x[t] = x[t] / 1.3 if x[t] > 0 else x[t] * 1.3
+        x[7] -= 0.5 * 2 + 0.8
+        x[9] -= 0.5 + 0.8
+        picks.add(int(torch.argmax(logits)) != int(torch.argmax(x)))
+        assert s(logits) == int(torch.argmax(x))
+    assert picks == {True, False}                       # the penalties changed some picks and not others
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingConfig(presence_penalty=2.5).resolved()
+
+
 @pytest.mark.parametrize("bad, match", [
     ("", "empty"), ([], "no prompt"), ([10**9], "outside the vocabulary"), (3.5, "must be a string"),
 ])
