@@ -297,6 +297,7 @@ class Engine:
         self.seqs: dict = {}
         self._ids = itertools.count()
         self.steps = 0
+        self.last_step = (0, 0.0)                           # (prompt tokens, seconds) of the latest step
         self.startup_s = time.perf_counter() - t0
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -362,6 +363,8 @@ class Engine:
         logits, greedy = self.runner.run(FlatBatch(tuple(c.tokens for c in sched.chunks), tuple(c.start for c in sched.chunks),
                                                    tuple(c.blocks for c in sched.chunks), tuple(c.sample for c in sched.chunks)))
         self.steps += 1
+        self.last_step = (sum(len(c.tokens) for c in sched.chunks if c.start < len(self.seqs[c.request_id].prompt)),
+                          time.perf_counter() - now)
         outs, row = [], 0
         for c in sched.chunks:
             seq = self.seqs[c.request_id]

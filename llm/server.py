@@ -10,10 +10,10 @@ requests go to it over that pipe and each step's outputs come back to a reader t
 hands them to each request's asyncio.Queue. So the event loop never waits on a forward pass (not
 even for the GIL) and the engine never waits on a socket.
 
-Admission. A request is refused at once (429 + Retry-After) when the waiting queue holds
---max-queued requests, or when its predicted queue wait exceeds --max-queue-wait-s: a request that
-joins behind q others waits for about q + 1 completions while every slot is busy, and the
-completion rate is measured over the last finished requests. Refusing early keeps the admitted
+Admission. A request is refused at once (429 + Retry-After) when --max-queued requests already
+wait for a slot, or when its predicted time to first token exceeds --max-predicted-ttft-s: the
+wait for a slot (requests ahead beyond the slots / measured completion rate) plus every prompt not
+yet started, its own included, at the measured prefill rate. Refusing early keeps the admitted
 requests' TTFT bounded instead of letting every request's latency grow with the queue.
 
 Routes (one table, in create_app): POST /v1/completions, POST /v1/chat/completions (OpenAI's
@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, EngineConfig, Request, RequestOutput
 from .sampling import SamplingConfig
@@ -52,10 +53,11 @@ class ServerConfig:
     threads: int | None = None
     engine: EngineConfig = EngineConfig()
     api_key: str | None = None        # set: every /v1 route needs `Authorization: Bearer KEY`
-    max_queued: int = 64              # waiting requests beyond this get 429
-    max_queue_wait_s: float = 1.5     # predicted queue wait beyond this gets 429 (half the TTFT SLO's 2 s, and some)
+    max_queued: int = 64              # requests waiting for a slot beyond this get 429
+    max_predicted_ttft_s: float = 1.5 # a predicted time to first token beyond this gets 429 (the SLO is 2 s)
     request_timeout_s: float = 300.0  # a request running longer is aborted
     served_name: str | None = None    # the `model` name clients use (default: the model's catalogue name)
+    max_tokens_cap: int | None = None # a larger max_tokens gets 400; an unset one is at most this
 
 
 class APIError(Exception):
@@ -183,7 +185,7 @@ def engine_main(conn, config: ServerConfig) -> None:
     """The engine process: load and warm up, then step whenever there is work and sleep on the pipe
     when there is none. Messages in: ("add", Request), ("abort", id), ("stop", None). Out: ("ready",
     EngineInfo) or ("failed", why), then ("out", [RequestOutput], (waiting, running, blocks in
-    use)) per step and ("error", id, why, is_bad_input). Exits when the front end's end of the pipe
+    use), (prompt tokens, seconds) of the step) per step and ("error", id, why, is_bad_input). Exits when the front end's end of the pipe
     closes, so a killed server leaves no engine behind."""
     from .generate import LLMModel
     t0 = time.perf_counter()
@@ -196,6 +198,7 @@ def engine_main(conn, config: ServerConfig) -> None:
     conn.send(("ready", EngineInfo(str(eng.llm.path), eng.llm.spec.vocab, eng.max_tokens_per_seq, eng.pool.num_blocks,
                                    eng.pool.block_size, time.perf_counter() - t0)))
     stats = lambda: (len(eng.scheduler.waiting), len(eng.scheduler.running), eng.num_blocks_in_use())   # noqa: E731
+    stepped = False
     while True:
         try:
             msgs = [conn.recv()] if not eng.has_unfinished() else []
@@ -217,7 +220,8 @@ def engine_main(conn, config: ServerConfig) -> None:
                     conn.send(("error", arg.request_id, f"{type(e).__name__}: {e}", isinstance(e, ValueError)))
             elif arg in eng.seqs:                            # abort (a finished request needs none)
                 outs.append(eng.abort(arg))
-        if eng.has_unfinished():
+        stepped = eng.has_unfinished()
+        if stepped:
             try:
                 outs += eng.step()
             except Exception as e:                           # a bug: fail what is in flight, keep serving
@@ -226,7 +230,7 @@ def engine_main(conn, config: ServerConfig) -> None:
                 for rid in list(eng.seqs):
                     eng.abort(rid)
                     conn.send(("error", rid, f"{type(e).__name__}: {e}", False))
-        conn.send(("out", outs, stats()))
+        conn.send(("out", outs, stats(), eng.last_step if stepped else (0, 0.0)))
 
 
 class EngineProcess:
@@ -246,7 +250,9 @@ class EngineProcess:
         self.metrics, self.max_running = metrics, config.engine.max_running
         self.send_lock = threading.Lock()
         self.sinks: dict = {}                                # request id -> (event loop, asyncio.Queue)
-        self.in_flight = 0                                   # admitted and not finished
+        self.in_flight = 0                                   # submitted and not finished
+        self.backlog: dict = {}                              # request id -> prompt tokens, until its first token
+        self.prefill_steps: deque = deque(maxlen=16)         # (prompt tokens, seconds) of recent steps with prompts
         self.lock = threading.Lock()
         self.stats = (0, 0, 0)                               # engine's waiting, running, blocks in use
         self.finish_times: deque = deque(maxlen=32)
@@ -266,18 +272,11 @@ class EngineProcess:
         with self.send_lock:
             self.conn.send(msg)
 
-    def reserve(self, n: int) -> None:
-        """Count n admitted requests as in flight from now on (submit() hands each one over)."""
-        with self.lock:
-            self.in_flight += n
-
-    def release(self, n: int) -> None:
-        """Admitted requests that will not be submitted after all (bad input, client gone)."""
-        with self.lock:
-            self.in_flight -= n
-
     def submit(self, request: Request, sink: asyncio.Queue) -> None:
         self.sinks[request.request_id] = (asyncio.get_running_loop(), sink)
+        with self.lock:
+            self.in_flight += 1
+            self.backlog[request.request_id] = len(request.prompt)
         self._put(("add", request))
 
     def abort(self, request_id: str) -> None:
@@ -292,13 +291,30 @@ class EngineProcess:
             self.proc.kill()
 
     def queued(self) -> int:
-        """Admitted requests beyond the running slots: they wait for a slot."""
+        """Submitted requests beyond the running slots: they wait for a slot."""
         return max(0, self.in_flight - self.max_running)
 
     def completion_rate(self) -> float | None:
         """Requests finished per second over the last few (None until there are enough)."""
         t = list(self.finish_times)
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) >= 4 and t[-1] > t[0] else None
+
+    def prefill_rate(self) -> float | None:
+        """Prompt tokens per second of engine time over recent steps that ran prompts (a step's
+        whole time counts, decode rows included: an underestimate, so predictions err long)."""
+        steps = list(self.prefill_steps)
+        secs = sum(s for _, s in steps)
+        return sum(t for t, _ in steps) / secs if len(steps) >= 2 and secs > 0 else None
+
+    def predicted_ttft(self, prompt_tokens: list) -> float:
+        """Seconds until the first token of requests with these prompts, if submitted now: waiting
+        for a slot (requests ahead beyond the slots / completion rate) plus every prompt not yet
+        started, theirs included, at the measured prefill rate. 0 until there are measurements."""
+        with self.lock:
+            ahead, backlog = max(0, self.in_flight + len(prompt_tokens) - self.max_running), sum(self.backlog.values())
+        done, fill = self.completion_rate(), self.prefill_rate()
+        slot = ahead / done if ahead and done else 0.0
+        return slot + ((backlog + sum(prompt_tokens)) / fill if fill else 0.0)
 
     # ---- the reader thread ---------------------------------------------------------------------------
     def _send(self, rid: str, item, last: bool) -> None:
@@ -322,10 +338,14 @@ class EngineProcess:
                 self._finish(rid)
                 self._send(rid, (ValueError if bad_input else RuntimeError)(why), last=True)
                 continue
-            _, outs, self.stats = msg
+            _, outs, self.stats, step = msg
+            if step[0]:
+                self.prefill_steps.append(step)
             now = time.perf_counter()
             for o in outs:
                 if o.new_token_ids:
+                    with self.lock:
+                        self.backlog.pop(o.request_id, None)
                     prev = self.last_token.get(o.request_id)
                     if prev is not None:
                         self.metrics.itl.observe(now - prev)
@@ -341,6 +361,7 @@ class EngineProcess:
         self.last_token.pop(rid, None)
         with self.lock:
             self.in_flight -= 1
+            self.backlog.pop(rid, None)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
@@ -481,21 +502,20 @@ class Server:
             raise APIError(404, f"model {name!r} is not served here (this server serves {self.name!r})",
                            type="not_found_error", param="model", code="model_not_found")
 
-    def admit(self, n: int) -> None:
-        """Refuse now (429) rather than queue a request that would wait past the limit. Queued means
-        beyond the running slots: a burst that fits the free slots does not count as waiting."""
+    def admit(self, prompt_tokens: list) -> None:
+        """Refuse now (429 + Retry-After) rather than queue requests (one per prompt and choice, of
+        these lengths) that would wait too long: past --max-queued requests waiting for a slot, or
+        a predicted time to first token beyond --max-predicted-ttft-s."""
         c, eng = self.config, self.engine
-        q = eng.queued()                                     # requests ahead that wait for a slot
-        rate = eng.completion_rate()
-        wait = (q + n) / rate if rate and eng.in_flight + n > c.engine.max_running else 0.0
-        reason = "queue_full" if q + n > c.max_queued else "predicted_wait" if wait > c.max_queue_wait_s else None
+        q, n = eng.queued(), len(prompt_tokens)
+        ttft = eng.predicted_ttft(prompt_tokens)
+        reason = "queue_full" if q + n > c.max_queued else "predicted_ttft" if ttft > c.max_predicted_ttft_s else None
         if reason is None:
-            eng.reserve(n)
             return
         self.metrics.rejected.labels(reason).inc()
-        retry = max(1, math.ceil(wait - c.max_queue_wait_s)) if rate else 1
+        retry = max(1, math.ceil(ttft - c.max_predicted_ttft_s))
         why = (f"{q} requests are already queued (--max-queued {c.max_queued})" if reason == "queue_full" else
-               f"the predicted queue wait is {wait:.1f} s (--max-queue-wait-s {c.max_queue_wait_s:g})")
+               f"the predicted time to first token is {ttft:.1f} s (--max-predicted-ttft-s {c.max_predicted_ttft_s:g})")
         raise APIError(429, f"server overloaded: {why}; retry in {retry} s", type="rate_limit_error",
                        code="server_overloaded", headers={"Retry-After": str(retry)})
 
@@ -506,8 +526,14 @@ class Server:
         self.check_model(body.model)
         arrival = time.perf_counter()
         sampling = sampling_of(body, chat)
+        cap = self.config.max_tokens_cap
+        if cap is not None and sampling.max_new_tokens is not None and sampling.max_new_tokens > cap:
+            raise APIError(400, f"max_tokens={sampling.max_new_tokens}: this server allows at most {cap} "
+                           "(--max-tokens-cap)", param="max_tokens")
         try:
             sampling = sampling.resolved(Path(self.engine.info.path))
+            if cap is not None and sampling.max_new_tokens > cap:             # the model's default, capped
+                sampling = replace(sampling, max_new_tokens=cap, min_new_tokens=min(sampling.min_new_tokens, cap))
         except ValueError as e:                               # name the field as the client sent it
             field = str(e).split("=")[0].removeprefix("SamplingConfig.")
             field = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop"}.get(field, field)
@@ -521,12 +547,8 @@ class Server:
             if not prompts:
                 raise APIError(400, "prompt: the prompt is empty", param="prompt")
         n = body.n
-        self.admit(len(prompts) * n)                          # before any work: a refusal costs next to nothing
-        try:                                                  # admitted: the slots are reserved until submitted
-            ids = await self._tokenize(prompts, sampling, chat)
-        except BaseException:
-            self.engine.release(len(prompts) * n)
-            raise
+        ids = await self._tokenize(prompts, sampling, chat)
+        self.admit([len(t) for t in ids for _ in range(n)])  # admit and submit with no await between: no race
         top = (body.top_logprobs or 0) if chat and body.logprobs else (body.logprobs if not chat else None)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         sink: asyncio.Queue = asyncio.Queue()
@@ -683,6 +705,11 @@ def create_app(config: ServerConfig, load: bool = True) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
         return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):        # unknown path, wrong method, ...: OpenAI's JSON too
+        return APIError(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else "server_error",
+                        headers=getattr(e, "headers", None)).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):

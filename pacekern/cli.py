@@ -119,13 +119,44 @@ LLM_ENGINES = "pacekern bf16,pacekern int8,pacekern int4,hf bf16,llama.cpp"
 def cmd_bench_engine(args):
     from llm.bench import bench_engine, engine_table
     engines = "pacekern bf16,hf bf16,llama.cpp" if args.engines == LLM_ENGINES else args.engines
-    rows = bench_engine(args.model, requests=args.requests, new_tokens=args.new_tokens, concurrency=args.concurrency,
+    rows = bench_engine(args.model, requests=args.requests or 64, new_tokens=args.new_tokens or 128,
+                        concurrency=args.concurrency,
                         engines=tuple(e.strip() for e in engines.split(",")),
                         progress=lambda m: print(f"[bench engine] {m}", file=sys.stderr, flush=True))
     print(engine_table(rows))
 
 
+def cmd_bench_serve(args):
+    """Load a running server (--url), or with --compare start ours and llama.cpp's and sweep both."""
+    import asyncio
+    from llm import bench_serve as bs
+    try:
+        rates = tuple(float(r) for r in args.rates.split(","))
+    except ValueError:
+        sys.exit(f"pacekern bench serve: --rates expects numbers like 0.5,1,2, got {args.rates!r}")
+    if any(r <= 0 for r in rates):
+        sys.exit("pacekern bench serve: every rate must be > 0")
+    n, new = args.requests or 32, args.new_tokens or 64
+    say = lambda m: print(f"[bench serve] {m}", file=sys.stderr, flush=True)     # noqa: E731
+    if args.compare:
+        rows = bs.compare(args.model, rates, n, new, seed=args.seed, slots=args.concurrency, progress=say)
+    elif args.url:
+        pool = bs.load_prompts(n * len(rates), 32, 512, args.seed, args.model)       # fresh prompts per rate
+        rows = [asyncio.run(bs.run_load(args.url.rstrip("/"), pool[i * n:(i + 1) * n], r, new, args.seed,
+                                        api_key=args.api_key, server=args.url)) for i, r in enumerate(rates)]
+    else:
+        sys.exit("pacekern bench serve: pass --url URL (a running server) or --compare")
+    print(bs.table(rows))
+    for server in dict.fromkeys(r.server for r in rows):
+        print(f"{server}: highest rate holding the SLO: {bs.best_rate(rows, server):g} req/s")
+    if args.plot:
+        bs.plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+
+
 def cmd_bench(args):
+    if args.ops == ["serve"]:
+        return cmd_bench_serve(args)
     if args.ops == ["llm"]:
         return cmd_bench_llm(args)
     if args.ops == ["engine"]:
@@ -212,8 +243,9 @@ def cmd_serve(args):
         engine = EngineConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                               kv_budget_mb=args.kv_budget_mb, prefix_caching=not args.no_prefix_caching)
         cfg = ServerConfig(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads, engine=engine,
-                           api_key=args.api_key, max_queued=args.max_queued, max_queue_wait_s=args.max_queue_wait_s,
-                           request_timeout_s=args.request_timeout_s, served_name=args.served_model_name)
+                           api_key=args.api_key, max_queued=args.max_queued, max_predicted_ttft_s=args.max_predicted_ttft_s,
+                           request_timeout_s=args.request_timeout_s, served_name=args.served_model_name,
+                           max_tokens_cap=args.max_tokens_cap)
     except ValueError as e:
         sys.exit(f"pacekern serve: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -236,9 +268,11 @@ def _serve_args(p):
     p.add_argument("--kv-budget-mb", type=int, default=1024, help="memory for the paged KV cache, all layers")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--max-queued", type=int, default=64, help="waiting requests beyond this are refused with 429")
-    p.add_argument("--max-queue-wait-s", type=float, default=1.5,
-                   help="refuse (429 + Retry-After) a request whose predicted queue wait exceeds this")
+    p.add_argument("--max-predicted-ttft-s", type=float, default=1.5,
+                   help="refuse (429 + Retry-After) a request whose predicted time to first token exceeds this")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="abort a request running longer (504)")
+    p.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="refuse a larger max_tokens (400) and cap the default (default: the context length)")
     p.add_argument("--grace-s", type=float, default=10.0,
                    help="on SIGTERM/SIGINT: seconds in-flight requests may finish before they are aborted")
 
@@ -325,7 +359,7 @@ def main(argv=None):
                           ("tune", cmd_tune, "tune ops for their sizes and print the pin lines"),
                           ("check", cmd_check, "check ops against PyTorch")]:
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("ops", nargs="*", help="op names (default: all; see pacekern_ops/registry.py), or `llm` / `engine` / `dlrm`")
+        p.add_argument("ops", nargs="*", help="op names (default: all; see pacekern_ops/registry.py), or `llm` / `engine` / `serve` / `dlrm`")
         p.add_argument("--sizes", help="e.g. M=1,N=8960,K=1536 (default: the op's sizes)")
         if name in ("bench", "tune"):
             p.add_argument("--budget", type=float, default=None, help="tuning budget per kernel, seconds")
@@ -338,10 +372,19 @@ def main(argv=None):
             p.add_argument("--model", default=None, help="with `bench llm`: the model (default: the catalogue default)")
             p.add_argument("--engines", default=LLM_ENGINES,
                            help="with `bench llm` / `bench engine`: comma-separated engines to time")
-            p.add_argument("--requests", type=int, default=64, help="with `bench engine`: requests, all at once")
-            p.add_argument("--new-tokens", type=int, default=128, help="with `bench engine`: tokens per request")
+            p.add_argument("--requests", type=int, default=None,
+                           help="with `bench engine`: requests, all at once (64); `bench serve`: per rate (32)")
+            p.add_argument("--new-tokens", type=int, default=None,
+                           help="tokens per request (`bench engine` 128, `bench serve` 64)")
             p.add_argument("--concurrency", type=int, default=16,
-                           help="with `bench engine`: running requests / llama.cpp slots / HF batch rows")
+                           help="with `bench engine`/`serve`: running requests / llama.cpp slots / HF batch rows")
+            p.add_argument("--url", default=None, help="with `bench serve`: the server to load, e.g. http://127.0.0.1:8000")
+            p.add_argument("--rates", default="0.5,1,2,4", help="with `bench serve`: Poisson request rates, req/s")
+            p.add_argument("--seed", type=int, default=0, help="with `bench serve`: prompts and arrival times")
+            p.add_argument("--api-key", default=None, help="with `bench serve --url`: the server's key")
+            p.add_argument("--compare", action="store_true",
+                           help="with `bench serve`: start pacekern serve and llama.cpp's server, sweep both")
+            p.add_argument("--plot", default=None, help="with `bench serve`: write latency/goodput plots to this PNG")
         p.set_defaults(fn=fn)
     s = sub.add_parser("show", help="generated IR / source / asm summary of an op's kernel")
     s.add_argument("op")

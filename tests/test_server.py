@@ -271,7 +271,10 @@ def test_overload_is_refused_fast_and_honestly(server, client):
         async with httpx.AsyncClient(timeout=120) as c:
             admitted = [asyncio.create_task(c.post(url + "/v1/completions", headers=auth, json={
                 "prompt": PROMPTS[i % 4], "max_tokens": 64, "min_tokens": 64})) for i in range(12)]
+            t0 = time.perf_counter()
             while metrics(url)["pacekern:num_requests_waiting"] < 4:          # the engine holds 8 + 4
+                assert time.perf_counter() - t0 < 20 and not any(t.done() for t in admitted), \
+                    [t.result().status_code for t in admitted if t.done()]
                 await asyncio.sleep(0.02)
             refused = []
             for i in range(20):
@@ -364,3 +367,49 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
         WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "model").text == "smollm2-135m-instruct")
     finally:
         drv.quit()
+
+
+# ---- fuzzing the server's own OpenAPI schema ------------------------------------------------------------
+
+@pytest.mark.heavy
+def test_schemathesis_bodies_never_get_a_5xx():
+    """schemathesis generates valid and invalid bodies from /openapi.json for every route (bounded:
+    40 valid and 40 invalid per operation, generations capped at 4 tokens); no answer may be a 5xx,
+    and every error is OpenAI's JSON with a message."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    proc, url, _ = start_server("--max-tokens-cap", "4", "--max-queued", "64")
+    failures = []
+    try:
+        schema = schemathesis.openapi.from_url(url + "/openapi.json")
+        ops = [r.ok() for r in schema.get_all_operations()]
+        assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+        for op in ops:
+            modes = list(schemathesis.GenerationMode) if op.method.upper() == "POST" else [schemathesis.GenerationMode.POSITIVE]
+            for mode in modes:                           # a GET without parameters has no invalid form
+                @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+                @given(case=op.as_strategy(generation_mode=mode))
+                def fuzz(case):
+                    r = case.call(base_url=url, timeout=60)
+                    if r.status_code >= 500:
+                        failures.append((op.path, mode.value, r.status_code, case.body, r.text[:300]))
+                    elif r.status_code >= 400:
+                        assert r.json().get("error", {}).get("message"), (r.status_code, r.text, case.body)
+                fuzz()
+    finally:
+        stop_server(proc)
+    assert not failures, failures[:5]
+
+
+def test_bench_serve_load_generator_against_the_server(server):
+    """`pacekern bench serve`'s open-loop generator on loopback: a handful of Poisson arrivals,
+    every request streamed to the end and its tokens counted from the server's usage."""
+    from llm import bench_serve as bs
+    prompts = bs.load_prompts(6, 16, 64, seed=1)
+    r = asyncio.run(bs.run_load(server[0], prompts, rate=4.0, new_tokens=8, seed=1, api_key=KEY, server="ours"))
+    assert (r.sent, r.completed, r.refused, r.failed) == (6, 6, 0, 0)
+    assert r.out_tok_s == pytest.approx(6 * 8 / r.duration_s)
+    assert 0 < r.ttft_ms[0] <= r.ttft_ms[1] <= r.ttft_ms[2] and r.tpot_ms[0] > 0
+    assert 0 <= r.met <= 1 and r.goodput_req_s == pytest.approx(r.met * 6 / r.duration_s)
+    assert "| ours | 4 | 6 / 0 / 0 |" in bs.table([r])
+    assert bs.best_rate([r], "ours") in (0.0, 4.0)
