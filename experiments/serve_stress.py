@@ -42,12 +42,8 @@ def rss_peak_mb(pid: int) -> float:
 
 
 def metrics(url) -> dict:
-    out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            out[k] = float(v)
-    return out
+    from llm.bench_serve import scrape_metrics
+    return scrape_metrics(url)
 
 
 async def overload(url, rate, seconds, new_tokens, seed):

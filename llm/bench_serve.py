@@ -109,6 +109,16 @@ async def run_load(url: str, prompts: list, rate: float, new_tokens: int, seed: 
                       good / len(res))
 
 
+def scrape_metrics(url: str) -> dict:
+    """A server's /metrics as {sample name with labels: value}."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def load_prompts(n: int, lo: int, hi: int, seed: int, model=None) -> list:
     from .bench import engine_prompts
     from .models import resolve

@@ -76,12 +76,8 @@ def client(server):
 
 
 def metrics(url) -> dict:
-    out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    from llm.bench_serve import scrape_metrics
+    return scrape_metrics(url)
 
 
 # ---- what the openai client sees ---------------------------------------------------------------------
