@@ -262,21 +262,29 @@ class Config:
 
 @dataclass(frozen=True)
 class Space:
-    """Tile parameters to search. `where(cfg)` rejects configs statically (e.g. register budget);
-    `prune(cfg, dims, cpu)` rejects them for a given problem (e.g. too few tiles per thread)."""
+    """Tile parameters to search. `where(cfg)` rejects configs statically; `regs(cfg)` is how many
+    64-byte vectors the config's register tile keeps live (accumulators, operands), and a config
+    that needs more than the ISA level's register file holds (`REGISTERS`) is not searched there;
+    `prune(cfg, dims, cpu)` rejects configs for a given problem (e.g. too few tiles per thread).
+    `default` is a config dict, or several in order of preference: the first whose registers fit
+    the level is the default there (a tile shaped for 32 zmm, then one for 16 ymm)."""
     params: dict = field(default_factory=dict)
     where: Callable[[Config], bool] | None = None
     prune: Callable[[Config, dict, Any], bool] | None = None
-    default: dict | None = None
+    default: tuple | None = None
+    regs: Callable[[Config], int] | None = None
 
-    def __init__(self, where=None, prune=None, default=None, **params):
+    def __init__(self, where=None, prune=None, default=None, regs=None, **params):
         for k, v in params.items():
             if not isinstance(v, Choice):
                 params[k] = Choice((v,))
+        if isinstance(default, dict):
+            default = (default,)
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "where", where)
         object.__setattr__(self, "prune", prune)
-        object.__setattr__(self, "default", default)
+        object.__setattr__(self, "default", tuple(default) if default else None)
+        object.__setattr__(self, "regs", regs)
 
     def normalize(self, cfg: Config) -> Config:
         """`cfg` in the space's parameter order (a hand-written pk.Config may list them in any
@@ -287,19 +295,26 @@ class Space:
             return cfg
         return Config(tuple((k, vals[k]) for k in self.params))
 
-    def configs(self) -> list:
+    def fits(self, cfg: Config, level: str | None) -> bool:
+        """Whether cfg's register tile fits the register file at `level` (None: any level)."""
+        return level is None or self.regs is None or self.regs(cfg) <= REGISTERS[level]
+
+    def configs(self, level: str | None = None) -> list:
+        """Every config that passes `where` and, given a level, fits its registers."""
         names = list(self.params)
         out = []
         for vals in itertools.product(*(self.params[n].values for n in names)):
             cfg = Config(tuple(zip(names, vals)))
-            if self.where is None or self.where(cfg):
+            if (self.where is None or self.where(cfg)) and self.fits(cfg, level):
                 out.append(cfg)
         return out
 
-    def default_config(self) -> Config:
+    def default_config(self, level: str | None = None) -> Config:
+        """The default at `level`: the first of `default` that fits its registers (None: the first)."""
         if self.default:
-            return Config(tuple((n, self.default.get(n, c.values[0])) for n, c in self.params.items()))
-        cs = self.configs()
+            cands = [Config(tuple((n, d.get(n, c.values[0])) for n, c in self.params.items())) for d in self.default]
+            return next((c for c in cands if self.fits(c, level)), cands[-1])
+        cs = self.configs(level) or self.configs()
         if not cs:
             raise ValueError("the tuning space is empty after `where`")
         return cs[0]
@@ -307,12 +322,17 @@ class Space:
     def fingerprint(self) -> str:
         import inspect
         parts = [repr(sorted((k, v.values) for k, v in self.params.items())), repr(self.default)]
-        for f in (self.where, self.prune):
+        for f in (self.where, self.prune, self.regs):
             try:
                 parts.append(inspect.getsource(f) if f else "")
             except (OSError, TypeError):
                 parts.append(repr(f))
         return "\n".join(parts)
+
+
+# 64-byte vectors the register file holds at each ISA level: 32 zmm; 16 ymm (two per vector); the
+# generic target's 16 xmm (four per vector). Tiles beyond this spill to the stack in the hot loop.
+REGISTERS = {"generic": 4, "avx2": 8, "avx512": 32, "avx512_vnni_bf16": 32, "amx": 32}
 
 
 # shape buckets for tuning keys: dims not named in `key` are exact

@@ -203,7 +203,7 @@ class Kernel:
             if cfg is None and env.flag("PACEKERN_TUNE"):
                 cfg = tuner.tune(self, *bound.args).best
             if cfg is None:
-                cfg = self.spec.space.default_config()
+                cfg = self.spec.space.default_config(cpu().level)
                 log.debug("%s: no tuned config for %s; using the default %s", self.name, _dims_str(dict(b)), cfg)
         cfg = cfg or Config(())
         self._chosen[b] = cfg
@@ -219,8 +219,9 @@ class Kernel:
 
     def lower(self, config: Config | None = None, level: str | None = None):
         config = self.resolve_config(config)
-        config = self.spec.space.default_config() if config is None and self.spec.space.params else (config or Config(()))
-        return passes.lower(self.spec.ir, config.asdict(), level or cpu().level)
+        level = level or cpu().level
+        config = self.spec.space.default_config(level) if config is None and self.spec.space.params else (config or Config(()))
+        return passes.lower(self.spec.ir, config.asdict(), level)
 
     def source(self, config: Config | None = None, level: str | None = None, interpret: bool | None = None) -> str:
         """The generated Numba source for a config (default: the space's default config)."""

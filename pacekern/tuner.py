@@ -63,7 +63,7 @@ def cached_best(kernel, bucket) -> Config | None:
     key, _ = _key(kernel, bucket)
     if key in _memo:
         return _memo[key]
-    space = set(kernel.spec.space.configs())
+    space = set(kernel.spec.space.configs(cpu().level))
     ok = [r for r in cache.records(key) if r.status == "ok" and r.config in space]
     best = min(ok, key=lambda r: r.time_s).config if ok else None
     _memo[key] = best
@@ -180,14 +180,14 @@ def tune(kernel, *args, budget_s: float | None = None, force: bool | None = None
     bound = kernel.bind(args)
     bucket = kernel.bucket(bound.dims)
     space = kernel.spec.space
-    default = space.default_config()
+    hw = cpu()
+    default = space.default_config(hw.level)
     say = log.info if verbose else log.debug
     if env.flag("PACEKERN_INTERPRET") or not space.params:
         return TuneResult(kernel.name, bucket, default, float("nan"), float("nan"), (), 0.0, 0)
     key, parts = _key(kernel, bucket)
     known = {} if force else {r.config: r for r in cache.records(key)}
-    hw = cpu()
-    allowed = [c for c in space.configs() if space.prune is None or space.prune(c, dict(bound.dims), hw)]
+    allowed = [c for c in space.configs(hw.level) if space.prune is None or space.prune(c, dict(bound.dims), hw)]
     seed = start or default
     for c in (default, seed):
         if c not in allowed:

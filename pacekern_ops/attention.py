@@ -69,7 +69,9 @@ def ref(q, kc, vc, start, anc, out):
 SPACE = pk.Space(QB=pk.choice(8, 16, 32), KB=pk.choice(64, 128, 256), MR=pk.choice(2, 3, 4, 6), NK=pk.choice(2, 4),
                  NV=pk.choice(2, 4), PAR=pk.choice(1 << 16, 1 << 20, 1 << 22, 1 << 62),
                  where=lambda c: c.MR * c.NK + c.NK + 1 <= 28 and c.MR * c.NV + c.NV + 1 <= 28,
-                 default=dict(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 16))
+                 regs=lambda c: max(c.MR * c.NK + c.NK + 1, c.MR * c.NV + c.NV + 1),
+                 default=(dict(QB=16, KB=128, MR=3, NK=4, NV=4, PAR=1 << 16),
+                          dict(QB=16, KB=128, MR=2, NK=2, NV=2, PAR=1 << 16)))
 
 
 @pk.func

@@ -96,11 +96,12 @@ SPACE_AVX512 = pk.Space(
     # in LLVM's schedule, one register for all of them (see the asm test): MR NV accumulators + NV B
     # vectors + 1. The B micro-panel is KC pair rows x 64 NV bytes: up to 64 KB, beyond L1 (32-48 KB),
     # measured faster at KC=256 than 128 all the same (B streams from L2 while A is broadcast)
-    where=lambda c: c.MR * c.NV + c.NV + 1 <= 32 and c.KC * 64 * c.NV <= 64 * 1024,
+    where=lambda c: c.KC * 64 * c.NV <= 64 * 1024,
+    regs=lambda c: c.MR * c.NV + c.NV + 1,
     # MC: rows per parallel task. 64 splits a 128-token prefill evenly over 2 threads; 96 left one
     # thread 96 rows and the other 32. SmolLM2's 120 prefill GEMMs (Zen 4, 2 threads, interleaved):
     # MC=96 KC=128 97 ms; MC=64 KC=128 73-76 ms (~370 GFLOP/s); MC=64 KC=256 70-72 ms (~385)
-    default=dict(MR=6, NV=4, KC=256, MC=64))
+    default=(dict(MR=6, NV=4, KC=256, MC=64), dict(MR=4, NV=1, KC=256, MC=64)))
 
 
 @pk.kernel(space=SPACE_AVX512, ref=ref_avx512, key={"M": "pow2"})
@@ -175,7 +176,7 @@ def _rows_prune(c, d, cpu):
 # NV = 2 panels, NS = 4 of them a strip: Qwen2.5-1.5B's four linear shapes, weights from DRAM (~31
 # GB/s then), 1 row: 30-31.5 GB/s against gemv_bf16's 26-31; 5 rows: 23-34 GB/s against 9-15
 SPACE_ROWS = pk.Space(MR=pk.choice(1, 2, 3, 4, 5, 6, 7, 8), NV=pk.choice(1, 2, 3, 4), NS=pk.choice(1, 2, 4, 8, 16),
-                      where=lambda c: c.MR * c.NV + c.NV + 1 <= 32, prune=_rows_prune, default=dict(MR=1, NV=2, NS=4))
+                      regs=lambda c: c.MR * c.NV + c.NV + 1, prune=_rows_prune, default=dict(MR=1, NV=2, NS=4))
 
 
 @pk.kernel(space=SPACE_ROWS, ref=ref_avx512, key={"M": "exact"})

@@ -37,9 +37,11 @@ SPACE = pk.Space(
     # broadcasts live (asm of 12x2, 8x3, 14x2: 28-32 zmm, no spills), and the B micro-panel (KC x 16
     # NV floats) must fit in L1 beside the A rows. 1024^3 on the AMX VM (2 threads, interleaved):
     # MR=12 NV=2 KC=256 MT=4 5.50 ms, the old space's best (5 x 4) 5.88, torch 5.04-5.15
-    where=lambda c: c.MR * c.NV + c.NV + 1 <= 32 and c.KC * 64 * c.NV <= 48 * 1024,
-    # default: 12 x 2 in blocks of 72 rows, which also splits a 128-token prefill between 2 threads
-    default=dict(MR=12, NV=2, KC=256, MT=6))
+    where=lambda c: c.KC * 64 * c.NV <= 48 * 1024,
+    regs=lambda c: c.MR * c.NV + c.NV + 1,
+    # default: 12 x 2 in blocks of 72 rows, which also splits a 128-token prefill between 2 threads;
+    # with 16 ymm, 6 x 1 (the classic 6 x 16 AVX2 tile) in blocks of 72 rows
+    default=(dict(MR=12, NV=2, KC=256, MT=6), dict(MR=6, NV=1, KC=256, MT=12)))
 
 
 @pk.kernel(space=SPACE, ref=ref, key={"M": "pow2"})

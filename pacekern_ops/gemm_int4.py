@@ -46,9 +46,9 @@ def ref(xq4, xs, xm, qp, wst, wmt, groups, y):
 SPACE = pk.Space(
     MR=pk.choice(1, 2, 3, 4, 5, 6), NV=pk.choice(1, 2, 3), MC=pk.choice(32, 64, 128), NS=pk.choice(1, 2, 4, 8),
     # group sums + accumulators (2 MR NV), NV weight vectors, MR broadcasts, a scale and a min vector
-    where=lambda c: 2 * c.MR * c.NV + c.NV + c.MR + 2 <= 32,
+    regs=lambda c: 2 * c.MR * c.NV + c.NV + c.MR + 2,
     prune=prune_blocks,
-    default=dict(MR=4, NV=2, MC=64, NS=2))
+    default=(dict(MR=4, NV=2, MC=64, NS=2), dict(MR=1, NV=1, MC=64, NS=2)))
 
 
 @pk.kernel(space=SPACE, ref=ref, key={"M": "pow2"})

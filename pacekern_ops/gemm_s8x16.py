@@ -44,9 +44,9 @@ SPACE = pk.Space(
     MR=pk.choice(1, 2, 3, 4, 5, 6), NV=pk.choice(1, 2, 3, 4), MC=pk.choice(32, 64, 128), NS=pk.choice(1, 2, 4, 8),
     # two accumulator tiles (h.w, l.w), NV weight vectors, two broadcasts per row (LLVM hoists all
     # the broadcasts of a k4 step above its vpdpbusd)
-    where=lambda c: 2 * c.MR * c.NV + c.NV + 2 * c.MR <= 32,
+    regs=lambda c: 2 * c.MR * c.NV + c.NV + 2 * c.MR,
     prune=prune_blocks,
-    default=dict(MR=5, NV=2, MC=64, NS=2))
+    default=(dict(MR=5, NV=2, MC=64, NS=2), dict(MR=1, NV=2, MC=64, NS=2)))
 
 
 # strict_fp: a row's output is the same bits for every M and config (see prepare)

@@ -204,12 +204,12 @@ VNNI_SPACE = pk.Space(
     MR=pk.choice(1, 2, 4, 5, 6, 7, 8, 10), NV=pk.choice(1, 2, 3, 4), MC=pk.choice(32, 64, 128, 256),
     NS=pk.choice(1, 2, 4, 8),
     # LLVM hoists the MR broadcasts of one k4 step above its vpdpbusd: all are live at once
-    where=lambda c: c.MR * c.NV + c.NV + c.MR <= 32,
+    regs=lambda c: c.MR * c.NV + c.NV + c.MR,
     prune=prune_blocks,
     # 4 x 4 tiles: within 2% of the best of 12 configs at every DLRMv2 shape measured (256 x 512 x
     # 3456: 440-463 GMAC/s of a 467 vpdpbusd peak on 2 Zen 4 cores); 7 x 3 was 8-12% slower (an
     # MC = 64 block took 10 tiles of 7 rows)
-    default=dict(MR=4, NV=4, MC=64, NS=2))
+    default=(dict(MR=4, NV=4, MC=64, NS=2), dict(MR=2, NV=2, MC=64, NS=2)))
 
 
 def _make_vnni(out_u8: bool):
@@ -378,13 +378,16 @@ def _amx_cfg(m: int) -> np.ndarray:
 def small_m_config(kern, m: int, n: int, k4: int):
     """For M below the default register tile height, a config that does not compute clamped copies
     of the last row (MR <= M), unless a tuned config for this shape is cached; else None."""
-    if m >= VNNI_SPACE.default_config().MR:
+    level = pk.target().level
+    if m >= VNNI_SPACE.default_config(level).MR:
         return None
     from pacekern import tuner
     if tuner.cached_best(kern, kern.bucket({"M": m, "N": n, "K4": k4})) is not None:
         return None
     mr = max(r for r in VNNI_SPACE.params["MR"].values if r <= m)
-    return pk.Config.of(MR=mr, NV=3 if mr > 5 else 4, MC=32, NS=2)
+    # the widest tile of mr rows whose registers fit the level
+    fits = [c for c in (pk.Config.of(MR=mr, NV=nv, MC=32, NS=2) for nv in (4, 3, 2, 1)) if VNNI_SPACE.fits(c, level)]
+    return fits[0] if fits else None
 
 
 def use_amx(m: int, k: int) -> bool:

@@ -38,7 +38,7 @@ def _prune_mm(c, dims, cpu):
 # every value up to 8 so that verification's K + 1 rows run with no padding rows
 SPACE_MM = pk.Space(R=pk.choice(1, 2, 4, 6, 8), NB=pk.choice(16, 32, 64, 128, 256), PF=pk.choice(0, 256, 512, 1024),
                     MM=pk.choice(1, 2, 3, 4, 5, 6, 7, 8),
-                    where=lambda c: c.NB % c.R == 0 and 2 * c.MM * c.R + c.MM + 1 <= 32,
+                    where=lambda c: c.NB % c.R == 0, regs=lambda c: 2 * c.MM * c.R + c.MM + 1,
                     prune=_prune_mm, default=dict(R=1, NB=64, PF=0, MM=1))
 
 

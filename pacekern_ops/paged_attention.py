@@ -64,7 +64,8 @@ def work_items(nq: list, ctx: list, out: torch.Tensor, block: int = 16) -> int:
 SPACE = pk.Space(MR=pk.choice(2, 3, 4, 6), NK=pk.choice(2, 4), NV=pk.choice(2, 4),
                  PAR=pk.choice(1 << 16, 1 << 20, 1 << 62),
                  where=lambda c: c.MR * c.NK + c.NK + 1 <= 28 and c.MR * c.NV + c.NV + 1 <= 28,
-                 default=dict(MR=3, NK=4, NV=4, PAR=1 << 16))
+                 regs=lambda c: max(c.MR * c.NK + c.NK + 1, c.MR * c.NV + c.NV + 1),
+                 default=(dict(MR=3, NK=4, NV=4, PAR=1 << 16), dict(MR=2, NK=2, NV=2, PAR=1 << 16)))
 
 
 @pk.func
