@@ -63,8 +63,11 @@ def stop_server(proc, grace=30) -> str:
 
 @pytest.fixture(scope="module")
 def server():
+    # the queue bound alone refuses here (test_overload...): no predicted-TTFT limit, which on a
+    # slow host would refuse some of the 12 requests that fill the slots and the queue
     proc, url, seen_503 = start_server("--api-key", KEY, "--max-running", "8", "--max-queued", "4",
-                                       "--kv-budget-mb", "256", "--request-timeout-s", "60")
+                                       "--kv-budget-mb", "256", "--request-timeout-s", "60",
+                                       "--max-predicted-ttft-s", "1000")
     yield url, seen_503
     stop_server(proc)
 
@@ -289,6 +292,41 @@ def test_overload_is_refused_fast_and_honestly(server, client):
 
 
 @pytest.mark.heavy
+def test_a_long_predicted_ttft_is_refused_before_the_queue_fills():
+    """With 2 slots and room for 64 queued, requests that would wait past --max-predicted-ttft-s
+    (from the measured completion and prefill rates) get 429 naming the prediction, long before
+    the queue bound; the admitted ones complete."""
+    proc, url, _ = start_server("--max-running", "2", "--max-queued", "64", "--max-predicted-ttft-s", "0.5")
+    try:
+        long_prompt = " ".join(PROMPTS * 12)                        # ~200 tokens each
+        for i in range(4):                                          # rates to predict from
+            assert httpx.post(url + "/v1/completions", json={"prompt": long_prompt, "max_tokens": 4}, timeout=60).status_code == 200
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as c:
+                sent, refused = [], None
+                for i in range(40):
+                    sent.append(asyncio.create_task(c.post(url + "/v1/completions", json={
+                        "prompt": long_prompt, "max_tokens": 32, "min_tokens": 32})))
+                    await asyncio.sleep(0.05)
+                    done = [t.result() for t in sent if t.done() and t.result().status_code == 429]
+                    if done:
+                        refused = done[0]
+                        break
+                return refused, len(sent), await asyncio.gather(*sent)
+        refused, n, answers = asyncio.run(main())
+        assert refused is not None, f"{n} requests all admitted"
+        assert n < 2 + 64, n                                        # refused before the queue bound
+        msg = refused.json()["error"]["message"]
+        assert "predicted time to first token" in msg and int(refused.headers["Retry-After"]) >= 1, msg
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 429} and codes.count(200) >= 2, codes
+        assert metrics(url)['pacekern:request_rejected_total{reason="predicted_ttft"}'] >= 1
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.heavy
 def test_request_time_limit_and_sigterm_leave_nothing_behind():
     """A second server: a request past --request-timeout-s (3 s) gets 504; SIGTERM while a stream
     runs lets it go on for the 1 s grace period, then aborts it, and the process exits cleanly."""
@@ -310,7 +348,9 @@ def test_request_time_limit_and_sigterm_leave_nothing_behind():
                 pass
             ended = time.perf_counter() - t0
         stop_server(proc, grace=10)
-        assert 0.9 < ended < 2.5 and got < 300, (ended, got)      # not finished, not cut before the grace period
+        # not finished, not cut before the grace period; ended within a few engine steps and
+        # uvicorn's shutdown of the grace period (2.51 s seen on a busy 2-core AVX2 host)
+        assert 0.9 < ended < 3.5 and got < 300, (ended, got)
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
     finally:
