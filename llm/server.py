@@ -13,7 +13,8 @@ even for the GIL) and the engine never waits on a socket.
 Admission. A request is refused at once (429 + Retry-After) when --max-queued requests already
 wait for a slot, or when its predicted time to first token exceeds --max-predicted-ttft-s: the
 wait for a slot (requests ahead beyond the slots / measured completion rate) plus every prompt not
-yet started, its own included, at the measured prefill rate. Refusing early keeps the admitted
+yet started, its own included, at the measured prefill rate (an idle engine admits any request:
+its own prefill is the least it can take). Refusing early keeps the admitted
 requests' TTFT bounded instead of letting every request's latency grow with the queue.
 
 Routes (one table, in create_app): POST /v1/completions, POST /v1/chat/completions (OpenAI's
@@ -505,11 +506,13 @@ class Server:
     def admit(self, prompt_tokens: list) -> None:
         """Refuse now (429 + Retry-After) rather than queue requests (one per prompt and choice, of
         these lengths) that would wait too long: past --max-queued requests waiting for a slot, or
-        a predicted time to first token beyond --max-predicted-ttft-s."""
+        a predicted time to first token beyond --max-predicted-ttft-s while others run or wait."""
         c, eng = self.config, self.engine
         q, n = eng.queued(), len(prompt_tokens)
         ttft = eng.predicted_ttft(prompt_tokens)
-        reason = "queue_full" if q + n > c.max_queued else "predicted_ttft" if ttft > c.max_predicted_ttft_s else None
+        # an idle engine admits whatever the prediction: its own prefill is the least it can take
+        late = ttft > c.max_predicted_ttft_s and eng.in_flight > 0
+        reason = "queue_full" if q + n > c.max_queued else "predicted_ttft" if late else None
         if reason is None:
             return
         self.metrics.rejected.labels(reason).inc()

@@ -269,7 +269,7 @@ def _serve_args(p):
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--max-queued", type=int, default=64, help="waiting requests beyond this are refused with 429")
     p.add_argument("--max-predicted-ttft-s", type=float, default=1.5,
-                   help="refuse (429 + Retry-After) a request whose predicted time to first token exceeds this")
+                   help="while others run, refuse (429 + Retry-After) a request whose predicted time to first token exceeds this")
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="abort a request running longer (504)")
     p.add_argument("--max-tokens-cap", type=int, default=None,
                    help="refuse a larger max_tokens (400) and cap the default (default: the context length)")

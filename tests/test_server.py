@@ -320,7 +320,7 @@ def test_a_long_predicted_ttft_is_refused_before_the_queue_fills():
         msg = refused.json()["error"]["message"]
         assert "predicted time to first token" in msg and int(refused.headers["Retry-After"]) >= 1, msg
         codes = [a.status_code for a in answers]
-        assert set(codes) <= {200, 429} and codes.count(200) >= 2, codes
+        assert set(codes) <= {200, 429} and codes[0] == 200, codes           # the first found the engine idle
         assert metrics(url)['pacekern:request_rejected_total{reason="predicted_ttft"}'] >= 1
     finally:
         stop_server(proc)
