@@ -132,8 +132,9 @@ def bench(spec: DlrmSpec | str = "dev", batches=(1, 64, 256, 2048), impls=DEFAUL
 
 def format_table(rows) -> str:
     """Markdown table of BenchRows."""
+    from pacekern.target import cpu
     head = "| impl | batch | threads | samples/s | p50 ms | p99 ms | vs torch fp32 | vs torch int8 | calls |"
-    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [cpu().describe(), "", head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda x: "-" if x is None else f"{x:.2f}x"
     for r in rows:
         out.append(f"| {r.impl} | {r.batch} | {r.threads} | {r.samples_per_s:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | "

@@ -120,7 +120,8 @@ def bench_llm(model_name=None, prompt_tokens: int = 128, new_tokens: int = 128, 
 def table(rows, gbs: float) -> str:
     """Markdown table with ratios to HF bf16 at the same batch and the roofline of each weight format."""
     hf = {r.batch: r for r in rows if r.engine == "hf bf16"}
-    lines = [f"DRAM read rate measured in the same run: {gbs:.1f} GB/s",
+    from pacekern.target import cpu
+    lines = [cpu().describe(), "", f"DRAM read rate measured in the same run: {gbs:.1f} GB/s",
              "| engine | batch | TTFT ms | TPOT ms | decode tok/s | prefill tok/s | decode vs HF bf16 | "
              "prefill vs HF bf16 | roofline tok/s | % of roofline |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -96,6 +96,8 @@ def bench_rows(problems, tune: bool, budget: float | None, rounds: int = 7):
 
 
 def print_table(rows):
+    import pacekern as pk
+    print(pk.target().describe())
     print(f"{'op':10s} {'shape':24s} {'ours ms':>8s} {'torch ms':>9s} {'x torch':>8s} {'rate':>16s} {'limit now':>10s} {'% limit':>8s}")
     for r in rows:
         lim = f"{r['peak']:10.1f} {r['pct']:7.0f}%" if r["peak"] else f"{'-':>10s} {'-':>8s}"

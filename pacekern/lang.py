@@ -299,6 +299,24 @@ class Space:
         """Whether cfg's register tile fits the register file at `level` (None: any level)."""
         return level is None or self.regs is None or self.regs(cfg) <= REGISTERS[level]
 
+    def fitted(self, cfg: Config, level: str, shrink: tuple) -> Config:
+        """cfg, or where its tile does not fit `level`'s registers, the config with the parameters
+        named in `shrink` lowered (round robin, each to its next smaller choice) until it fits and
+        passes `where`: for configs computed by hand from a shape (rows_config and the like)."""
+        vals = cfg.asdict()
+        while True:
+            c = Config(tuple(vals.items()))
+            if self.fits(c, level) and (self.where is None or self.where(c)):
+                return c
+            moved = False
+            for name in shrink:
+                smaller = [v for v in self.params[name].values if v < vals[name]]
+                if smaller and not self.fits(Config(tuple(vals.items())), level):
+                    vals[name] = max(smaller)
+                    moved = True
+            if not moved:
+                return c
+
     def configs(self, level: str | None = None) -> list:
         """Every config that passes `where` and, given a level, fits its registers."""
         names = list(self.params)

@@ -43,8 +43,28 @@ class CpuInfo:
         """What a tuned config depends on: the feature set, not the marketing name."""
         return f"{self.level}|{','.join(self.features)}|l1d={self.l1d}|l2={self.l2}|l3={self.l3}|threads={self.threads}"
 
+    def describe(self) -> str:
+        """One line for benchmark reports: the CPU model, the ISA level used and the threads."""
+        info = {}
+        for ln in _read("/proc/cpuinfo").splitlines():
+            k, _, v = ln.partition(":")
+            info.setdefault(k.strip(), v.strip())
+        model = info.get("model name", "unknown CPU")
+        if "cpu family" in info:                      # guests often say only "AMD EPYC"
+            model += f" (family {info['cpu family']} model {info.get('model', '?')})"
+        forced = "" if self.level == self.host_level else f", forced below the host's {self.host_level}"
+        return f"{model}: ISA level {self.level}{forced}, {self.threads} threads"
+
     def has(self, level: str) -> bool:
         return LEVELS.index(self.level) >= LEVELS.index(level)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _host_features() -> set:

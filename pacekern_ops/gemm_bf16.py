@@ -218,7 +218,8 @@ def rows_config(m: int, n: int, k: int):
     def most_panels_a_thread(ns):
         strips = -(-panels // (2 * ns))
         return -(-strips // threads) * 2 * ns
-    return pk.Config.of(MR=min(m, 8), NV=2, NS=min((4, 2, 1), key=lambda ns: (most_panels_a_thread(ns), -ns)))
+    cfg = pk.Config.of(MR=min(m, 8), NV=2, NS=min((4, 2, 1), key=lambda ns: (most_panels_a_thread(ns), -ns)))
+    return SPACE_ROWS.fitted(cfg, pk.target().level, shrink=("MR", "NV"))       # 16 ymm: fewer rows a tile
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,10 +98,12 @@ def rows_config(args) -> pk.Config | None:
     if rows > 16 or tuner.cached_best(gemm_s8x16, gemm_s8x16.bucket(gemm_s8x16.bind(args).dims)) is not None:
         return None
     if rows == 1:
-        return pk.Config.of(MR=1, NV=1, MC=32, NS=1)
-    if rows <= 6:
-        return pk.Config.of(MR=rows, NV=1, MC=32, NS=2)
-    return pk.Config.of(MR=-(-rows // -(-rows // 4)), NV=3, MC=32, NS=1)
+        cfg = pk.Config.of(MR=1, NV=1, MC=32, NS=1)
+    elif rows <= 6:
+        cfg = pk.Config.of(MR=rows, NV=1, MC=32, NS=2)
+    else:
+        cfg = pk.Config.of(MR=-(-rows // -(-rows // 4)), NV=3, MC=32, NS=1)
+    return SPACE.fitted(cfg, pk.target().level, shrink=("MR", "NV"))          # 16 ymm: fewer rows a tile
 
 
 # ---------------------------------------------------------------------------------------------

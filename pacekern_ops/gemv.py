@@ -223,7 +223,9 @@ def rows_config(kern, x, w, y):
     if rows == 1 or tuner.cached_best(kern, kern.bucket(kern.bind((x, w, y)).dims)) is not None:
         return None
     if rows <= (5 if kern is gemv_f32 else 3):
-        return pk.Config.of(R=1, NB=64, PF=0, MM=1)
-    if rows <= (12 if kern is gemv_f32 else 8):
-        return pk.Config.of(R=1, NB=64, PF=512, MM=-(-rows // -(-rows // 8)))       # equal blocks of <= 8 rows
-    return pk.Config.of(R=2, NB=64, PF=512 if kern is gemv_bf16 else 0, MM=3)
+        cfg = pk.Config.of(R=1, NB=64, PF=0, MM=1)
+    elif rows <= (12 if kern is gemv_f32 else 8):
+        cfg = pk.Config.of(R=1, NB=64, PF=512, MM=-(-rows // -(-rows // 8)))        # equal blocks of <= 8 rows
+    else:
+        cfg = pk.Config.of(R=2, NB=64, PF=512 if kern is gemv_bf16 else 0, MM=3)
+    return kern.spec.space.fitted(cfg, pk.target().level, shrink=("MM", "R"))     # 16 ymm: fewer rows a load

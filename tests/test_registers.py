@@ -33,6 +33,27 @@ def test_space_filters_and_defaults_by_level():
     assert one.default_config("avx2").MR == 2 and one.fits(pk.Config.of(MR=2), "generic")
 
 
+def test_fitted_shrinks_a_hand_made_config_until_it_fits():
+    space = pk.Space(MR=pk.choice(1, 2, 4, 8), NV=pk.choice(1, 2), regs=lambda c: c.MR * c.NV + c.NV + 1)
+    big = pk.Config.of(MR=8, NV=2)                                              # 19 vectors
+    assert space.fitted(big, "avx512", shrink=("MR", "NV")) == big
+    assert space.fitted(big, "avx2", shrink=("MR", "NV")) == pk.Config.of(MR=4, NV=1)    # 6 <= 8
+    assert space.fitted(big, "avx2", shrink=("NV",)) == pk.Config.of(MR=8, NV=1)         # cannot: 10, as close as it gets
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12, 16])
+def test_rows_configs_fit_the_host(rows):
+    """The hand-made few-row configs (decode, verification, batched decode) fit this host's level."""
+    import torch
+    level = pk.target().level
+    x = torch.zeros(rows, 576)
+    c = gemv.rows_config(gemv.gemv_bf16, x, torch.zeros(64, 576, dtype=torch.bfloat16).view(torch.int16).numpy(),
+                         torch.zeros(rows, 64))
+    assert c is None or gemv.SPACE_MM.fits(c, level), c
+    c = gemm_bf16.rows_config(rows, 576, 576)
+    assert c is None or gemm_bf16.SPACE_ROWS.fits(c, level), c
+
+
 @pytest.mark.parametrize("name", TILED)
 @pytest.mark.parametrize("level", ["avx2", "avx512"])
 def test_every_default_fits_its_level(name, level):

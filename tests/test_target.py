@@ -84,3 +84,12 @@ def test_thread_budget_reaches_numba_torch_and_the_tuning_key(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     seen, cores = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen == [1, 1, 1, cores, cores, cores, True, "refused"]
+
+
+def test_describe_names_the_cpu_and_the_level_used(monkeypatch):
+    hw = pk.target()
+    line = hw.describe()
+    assert f"ISA level {hw.level}" in line and f"{hw.threads} threads" in line and "forced" not in line
+    import dataclasses
+    lower = dataclasses.replace(hw, level="generic", host_level="avx2")
+    assert "ISA level generic, forced below the host's avx2" in lower.describe()
